@@ -1,0 +1,263 @@
+"""Image datasets as uint8 arrays in memory: Fashion-MNIST, CIFAR-10, synthetic.
+
+Every loader returns `DatasetSplits` with images shaped (N, C, H, W). Fashion-MNIST
+is read from a configured root, then Debian's `dataset-fashion-mnist` package
+(/usr/share/datasets/fashion-mnist), and only then downloaded with torchvision.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedkd.errors import DataError
+from fedkd.seeding import numpy_rng
+
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_DOWNLOAD_ROOT = Path(os.environ.get("FEDKD_DATA", "~/.cache/fedkd/data")).expanduser()
+CACHE_DIR = Path(os.environ.get("FEDKD_CACHE", "~/.cache/fedkd/cache")).expanduser()
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    x: np.ndarray  # uint8, (N, C, H, W)
+    y: np.ndarray  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    name: str
+    train: ArrayDataset
+    test: ArrayDataset
+    num_classes: int
+    source: str  # where the data came from, for the log
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------- Fashion-MNIST
+
+_FMNIST_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), checking its header against its size.
+
+    The decoded array is cached as .npy next to the download root, keyed by the
+    file's path, size and modification time, so later processes skip the gunzip.
+    """
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if st.st_size < 1_000_000:  # small files decode faster than a cache lookup pays
+        return _decode_idx(path)
+    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = CACHE_DIR / f"{path.name.split('.')[0]}-{key}.npy"
+    if cached.exists():
+        try:
+            return np.load(cached)
+        except (OSError, ValueError):
+            cached.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+    array = _decode_idx(path)
+    _save_atomic(cached, array)
+    return array
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs the speed-up
+
+
+def _decode_idx(path: Path) -> np.ndarray:
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated (header of {ndim} dimensions is incomplete)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape))
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path} is corrupt: header says {shape} ({expected} bytes), "
+            f"file holds {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def _find_idx_dir(candidates: list[Path]) -> Path | None:
+    for folder in candidates:
+        if all(_idx_path(folder, stem) is not None for stem in _FMNIST_FILES.values()):
+            return folder
+    return None
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _fmnist_candidates(root: str | None) -> list[Path]:
+    found: list[Path] = []
+    if root:
+        base = Path(root).expanduser()
+        found += [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
+    found.append(SYSTEM_FASHION_MNIST)
+    found.append(DEFAULT_DOWNLOAD_ROOT / "FashionMNIST" / "raw")
+    return found
+
+
+def load_fashion_mnist(root: str | None, download: bool, **_: object) -> DatasetSplits:
+    candidates = _fmnist_candidates(root)
+    folder = _find_idx_dir(candidates)
+    if folder is None and download:
+        folder = _download_fashion_mnist(Path(root).expanduser() if root else DEFAULT_DOWNLOAD_ROOT)
+    if folder is None:
+        searched = ", ".join(str(c) for c in candidates)
+        raise DataError(
+            f"dataset.name='fashion_mnist': files not found (searched {searched}); "
+            "install them with `apt-get install dataset-fashion-mnist` or set dataset.root"
+        )
+    arrays = {k: read_idx(_idx_path(folder, stem)) for k, stem in _FMNIST_FILES.items()}  # type: ignore[arg-type]
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(
+                f"Fashion-MNIST {split} files in {folder} disagree: "
+                f"images {x.shape}, labels {y.shape}"
+            )
+        if y.max(initial=0) > 9:
+            raise DataError(f"Fashion-MNIST {split} labels in {folder} hold values above 9")
+    return DatasetSplits(
+        name="fashion_mnist",
+        train=ArrayDataset(arrays["train_x"][:, None], arrays["train_y"].astype(np.int64)),
+        test=ArrayDataset(arrays["test_x"][:, None], arrays["test_y"].astype(np.int64)),
+        num_classes=10,
+        source=str(folder),
+    )
+
+
+def _download_fashion_mnist(root: Path) -> Path | None:
+    """Last resort: torchvision's downloader (needs network access)."""
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(root), train=True, download=True)
+        FashionMNIST(str(root), train=False, download=True)
+    except Exception:  # no network, mirror down, disk full: the caller reports it
+        return None
+    return _find_idx_dir([root / "FashionMNIST" / "raw"])
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+
+def load_cifar10(root: str | None, download: bool, **_: object) -> DatasetSplits:
+    from torchvision.datasets import CIFAR10
+
+    base = Path(root).expanduser() if root else DEFAULT_DOWNLOAD_ROOT
+    try:
+        train = CIFAR10(str(base), train=True, download=download)
+        test = CIFAR10(str(base), train=False, download=False)
+    except Exception as exc:
+        raise DataError(
+            f"dataset.name='cifar10': no usable CIFAR-10 files under {base} ({exc}); "
+            "put cifar-10-batches-py there or set dataset.root"
+        ) from None
+
+    def arrays(ds: CIFAR10) -> ArrayDataset:
+        return ArrayDataset(
+            np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, np.int64)
+        )
+
+    return DatasetSplits("cifar10", arrays(train), arrays(test), 10, str(base))
+
+
+# -------------------------------------------------------------------------- synthetic
+
+
+def load_synthetic(
+    num_classes: int,
+    channels: int,
+    image_size: int,
+    train_size: int,
+    test_size: int,
+    noise: float,
+    seed: int,
+    **_: object,
+) -> DatasetSplits:
+    """Each class is a smooth random prototype image; samples add Gaussian noise."""
+    rng = numpy_rng(seed, "synthetic-prototypes")
+    coarse = rng.uniform(0, 1, size=(num_classes, channels, 4, 4))
+    reps = -(-image_size // 4)
+    protos = np.kron(coarse, np.ones((1, 1, reps, reps)))[..., :image_size, :image_size]
+
+    def sample(n: int, tag: str) -> ArrayDataset:
+        r = numpy_rng(seed, "synthetic", tag)
+        y = r.integers(0, num_classes, size=n)
+        x = protos[y] + r.normal(0, noise, size=(n, channels, image_size, image_size))
+        return ArrayDataset((np.clip(x, 0, 1) * 255).astype(np.uint8), y.astype(np.int64))
+
+    return DatasetSplits(
+        "synthetic",
+        sample(train_size, "train"),
+        sample(test_size, "test"),
+        num_classes,
+        "generated",
+    )
+
+
+_LOADERS: dict[str, Callable[..., DatasetSplits]] = {
+    "fashion_mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "synthetic": load_synthetic,
+}
+
+
+def num_classes_of(cfg: dict) -> int:
+    """The number of classes of a configured dataset, without loading it."""
+    return int(cfg["synthetic"]["num_classes"]) if cfg["name"] == "synthetic" else 10
+
+
+def list_datasets() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def load_dataset(cfg: dict) -> DatasetSplits:
+    """Load `cfg` (the `dataset` section of the config) as uint8 arrays."""
+    name = cfg["name"]
+    if name == "synthetic":
+        return load_synthetic(**cfg["synthetic"])
+    return _LOADERS[name](root=cfg.get("root"), download=cfg.get("download", True))

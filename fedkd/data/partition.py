@@ -1,0 +1,109 @@
+"""Seeded non-IID partitioning with flwr-datasets' partitioners on in-memory labels.
+
+Only the labels go into a `datasets.Dataset`, together with each sample's index, so
+the partitioners return index lists into the caller's arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+
+from fedkd.errors import DataError
+from fedkd.seeding import derive_seed, numpy_rng
+
+_PARTITIONERS = ("iid", "dirichlet", "pathological", "shards")
+
+
+def list_partitioners() -> list[str]:
+    return sorted(_PARTITIONERS)
+
+
+def _partitioner(cfg: dict, num_clients: int, seed: int):
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+    )
+
+    name = cfg["name"]
+    if name == "iid":
+        return IidPartitioner(num_clients)
+    if name == "dirichlet":
+        return DirichletPartitioner(
+            num_clients,
+            partition_by="label",
+            alpha=float(cfg["alpha"]),
+            min_partition_size=int(cfg["min_size"]),
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    if name == "pathological":
+        return PathologicalPartitioner(
+            num_clients,
+            partition_by="label",
+            num_classes_per_partition=int(cfg["classes_per_client"]),
+            class_assignment_mode="first-deterministic",  # every class is used
+            shuffle=True,
+            seed=seed,
+        )
+    if name == "shards":
+        return ShardPartitioner(
+            num_clients,
+            partition_by="label",
+            num_shards_per_partition=int(cfg["shards_per_client"]),
+            shuffle=True,
+            seed=seed,
+        )
+    raise ValueError(f"unknown partitioner {name!r}")  # validate() rejects it earlier
+
+
+def partition_labels(
+    labels: np.ndarray, cfg: dict, num_clients: int, seed: int, task: int = 0
+) -> list[np.ndarray]:
+    """Split sample indices 0..len(labels)-1 over `num_clients` clients.
+
+    `cfg` is the `partition` config section. The result is a pure function of
+    (labels, cfg, num_clients, seed, task). IID shuffles first, because
+    flwr-datasets' IidPartitioner deals out contiguous blocks.
+    """
+    keys = (seed,) if task == 0 else (seed, task)
+    import datasets
+
+    datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    where = f" of task {task}" if task else ""
+    if len(labels) < num_clients:
+        raise DataError(
+            f"num_clients={num_clients} is more than the {len(labels)} private samples{where}; "
+            "lower num_clients or proxy.size"
+        )
+    order = np.arange(len(labels))
+    if cfg["name"] == "iid":
+        order = numpy_rng(*keys, "iid-shuffle").permutation(len(labels))
+    table = datasets.Dataset.from_dict({"label": labels[order], "idx": order})
+    part = _partitioner(cfg, num_clients, derive_seed(*keys, "partition") % (2**32))
+    part.dataset = table
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shards = [
+                np.sort(np.asarray(part.load_partition(i).with_format("numpy")["idx"][:], np.int64))
+                for i in range(num_clients)
+            ]
+    except ValueError as exc:
+        raise DataError(
+            f"partition.name={cfg['name']!r} cannot split the {len(labels)} samples{where} over "
+            f"{num_clients} clients: {exc}"
+        ) from None
+    empty = [i for i, s in enumerate(shards) if len(s) == 0]
+    if empty:
+        raise DataError(
+            f"partition.name={cfg['name']!r} left client(s) {empty[:5]} with no data{where}; "
+            "lower num_clients or use a less skewed partition"
+        )
+    return shards

@@ -1,0 +1,32 @@
+"""client_lwf: each client distills its own previous student while learning a new task.
+
+Learning without Forgetting (Li & Hoiem 2016), as in FLwF (Usmanova et al. 2021):
+when a client meets a new task it freezes a copy of its student as it stood at the
+end of the previous task, and adds `lwf_weight * tau^2 * KL(prev || student)` on its
+new private data to the usual loss. Client-side only; the server is unchanged.
+
+Works with every strategy whose clients train (dsfl, fedmd, feddf, fedavg, local).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from fedkd.mitigations.base import ClientExtras, ClientRound, Mitigation
+from fedkd.training import soft_labels
+
+
+class ClientLwF(Mitigation):
+    name = "client_lwf"
+    needs_clients = True
+
+    def client_extras(self, ctx: ClientRound) -> ClientExtras:
+        if ctx.new_task:
+            ctx.state["prev_model"] = copy.deepcopy(ctx.student.state_dict())
+        if "prev_model" not in ctx.state:
+            return ClientExtras(ctx.x, ctx.y)
+        prev = copy.deepcopy(ctx.student)
+        prev.load_state_dict(ctx.state["prev_model"])
+        tau = ctx.plan.temperature
+        probs = soft_labels(prev, ctx.x, tau, device=ctx.device)
+        return ClientExtras(ctx.x, ctx.y, probs, float(self.params.get("lwf_weight", 1.0)))

@@ -1,0 +1,60 @@
+"""teacher_memory: the server remembers what past teachers knew on the proxy set.
+
+At the end of each task the server stores the teacher's soft labels on `memory_size`
+items of that task's proxy pool. Each later teacher update distills toward the new
+aggregate on the round's subset *and* toward that memory, the memory carrying
+`memory_weight` of the total weight. With a drifting proxy this is server-side
+rehearsal on remembered public data; with a stationary one it anchors the teacher's
+old answers on the same public samples. Purely server-side: no extra bytes.
+
+Works with every strategy that has a server model (dsfl, fedmd, feddf, fedavg; for
+the weight strategies the averaged model is distilled toward the memory, anchored
+on its own outputs on the round's subset). Not with `local` (no server model).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedkd.mitigations.base import Mitigation
+from fedkd.protocol import ProxySegment
+from fedkd.seeding import derive_seed
+from fedkd.training import soft_labels
+
+
+class TeacherMemory(Mitigation):
+    name = "teacher_memory"
+    needs_server_model = True
+    needs_proxy = True  # the current subset anchors new knowledge during memory distillation
+    distills_server_model = True
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__(cfg)
+        self.weight = float(self.params.get("memory_weight", 0.5))
+        self.size = int(self.params.get("memory_size", 1000))
+        self.memory: list[tuple[ProxySegment, torch.Tensor]] = []
+
+    def on_task_end(self, strategy, task: int) -> None:
+        data = strategy.data
+        count = min(self.size, data.proxy_pool_size(task))
+        seg = ProxySegment(task, derive_seed(strategy.seed, task, "teacher-memory"), count)
+        x = data.proxy_inputs([seg])
+        tau = float(self.cfg["distill"]["temperature"])
+        self.memory.append(
+            (seg, soft_labels(strategy.server_model, x, tau, device=strategy.device))
+        )
+
+    def teacher_batch(self, strategy, x: torch.Tensor, target: torch.Tensor):
+        if not self.memory or self.weight <= 0:
+            return x, target, None
+        mem_x = strategy.data.proxy_inputs([seg for seg, _ in self.memory])
+        mem_t = torch.cat([probs for _, probs in self.memory])
+        # memory items share `weight` of the total mass, current items the rest
+        w_new = torch.full((len(x),), (1 - self.weight) / max(len(x), 1))
+        w_mem = torch.full((len(mem_x),), self.weight / len(mem_x))
+        return torch.cat([x, mem_x]), torch.cat([target, mem_t]), torch.cat([w_new, w_mem])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory": [((s.task, s.seed, s.count), p) for s, p in self.memory]}

@@ -1,0 +1,165 @@
+"""The message format between ServerApp and ClientApp, in one place.
+
+Down (message type "train"): a ConfigRecord "config" (`RoundPlan`), and optionally
+an ArrayRecord "teacher" (soft labels on the round's proxy subset) or "weights"
+(a model, for weight-sharing strategies). Proxy *images* never travel: the client
+rebuilds the subset from its segments (pool task, seed, count).
+
+Up: a MetricRecord "metrics" (`num-examples`, `train-loss`, `test-accuracy`) and,
+depending on `reply`, an ArrayRecord "knowledge" (logits on the proxy subset) or
+"weights".
+
+Message type "query" asks a node which partition it holds (the handshake before
+round 1), because node ids are random while sampling is over partition ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedkd.seeding import numpy_rng
+
+TRAIN = "train"
+QUERY = "query"
+
+CONFIG = "config"
+TEACHER = "teacher"
+WEIGHTS = "weights"
+KNOWLEDGE = "knowledge"
+METRICS = "metrics"
+INFO = "info"  # ConfigRecord up: where the client ran (host, Ray node)
+SOFT_LABELS = "soft-labels"
+LOGITS = "logits"
+
+REPLY_LOGITS = "logits"
+REPLY_WEIGHTS = "weights"
+REPLY_NONE = "none"
+
+
+@dataclass(frozen=True)
+class ProxySegment:
+    """`count` proxy items drawn with `seed` from the pool of task `task`."""
+
+    task: int
+    seed: int
+    count: int
+
+
+ROLE_LEARN = "learn"  # CE on the current task + KD toward the teacher on the proxy
+ROLE_REVIEW = "review"  # KD only, toward what the federation knew (lifelong review)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Everything a client needs to know about its work this round."""
+
+    round: int
+    task: int
+    role: str
+    reply: str  # REPLY_LOGITS | REPLY_WEIGHTS | REPLY_NONE
+    proxy: tuple[ProxySegment, ...]
+    codec: str
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    alpha: float
+    temperature: float
+
+    def to_record(self) -> ConfigRecord:
+        values: dict = {}
+        for f in fields(self):
+            if f.name != "proxy":
+                values[f.name.replace("_", "-")] = getattr(self, f.name)
+        values["proxy-tasks"] = [s.task for s in self.proxy]
+        values["proxy-seeds"] = [s.seed for s in self.proxy]
+        values["proxy-counts"] = [s.count for s in self.proxy]
+        return ConfigRecord(values)
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> RoundPlan:
+        values = {
+            f.name: record[f.name.replace("_", "-")] for f in fields(cls) if f.name != "proxy"
+        }
+        segments = zip(
+            record["proxy-tasks"], record["proxy-seeds"], record["proxy-counts"], strict=True
+        )
+        values["proxy"] = tuple(ProxySegment(int(t), int(s), int(c)) for t, s, c in segments)
+        return cls(**values)
+
+    @property
+    def proxy_count(self) -> int:
+        return sum(s.count for s in self.proxy)
+
+
+def proxy_subset(seed: int, pool_size: int, count: int) -> np.ndarray:
+    """Indices into a proxy pool: all of it in order, or a seeded sample."""
+    if count >= pool_size:
+        return np.arange(pool_size)
+    return np.sort(numpy_rng(seed).choice(pool_size, size=count, replace=False))
+
+
+class InvalidReply(ValueError):
+    """A client reply the server will not aggregate; the message says why."""
+
+
+@dataclass
+class ClientReply:
+    """A validated reply, ready to aggregate."""
+
+    partition_id: int
+    num_examples: int
+    metrics: dict[str, float]
+    arrays: ArrayRecord | None
+    bytes_up: int
+    info: dict[str, str] = field(default_factory=dict)
+
+
+def reply_metrics(content: RecordDict, num_tasks: int = 1) -> dict[str, float]:
+    """The reply's metrics, checked: `num-examples` must be a positive integer,
+    accuracies in [0, 1], per-task accuracies one per task."""
+    records = content.metric_records
+    if METRICS not in records:
+        raise InvalidReply(f"no MetricRecord {METRICS!r}")
+    metrics = dict(records[METRICS])
+    n = metrics.get("num-examples")
+    if not isinstance(n, int) or n <= 0:
+        raise InvalidReply(f"num-examples must be a positive integer, got {n!r}")
+    for key, value in metrics.items():
+        if isinstance(value, float) and not np.isfinite(value):
+            raise InvalidReply(f"metric {key!r} is {value}")
+    acc = metrics.get("test-accuracy")
+    if acc is not None and not 0.0 <= float(acc) <= 1.0:
+        raise InvalidReply(f"test-accuracy must lie in [0, 1], got {acc}")
+    for key in ("task-accuracy", "initial-task-accuracy"):
+        row = metrics.get(key)
+        if row is None:
+            continue
+        if not isinstance(row, list) or len(row) != num_tasks:
+            raise InvalidReply(f"{key} must list {num_tasks} accuracies, got {row!r}")
+        if not all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in row):
+            raise InvalidReply(f"{key} values must lie in [0, 1], got {row!r}")
+    return metrics
+
+
+def check_array(
+    record: ArrayRecord, key: str, shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray:
+    """Return record[key] as numpy after checking shape, dtype and finiteness."""
+    if key not in record:
+        raise InvalidReply(f"missing array {key!r}")
+    try:
+        arr = record[key].numpy()
+    except Exception as exc:  # malformed bytes from a client
+        raise InvalidReply(f"array {key!r} cannot be decoded: {exc}") from None
+    if arr.dtype != dtype:
+        raise InvalidReply(f"array {key!r} has dtype {arr.dtype}, expected {dtype}")
+    if tuple(arr.shape) != tuple(shape):
+        raise InvalidReply(f"array {key!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise InvalidReply(f"array {key!r} holds NaN or Inf")
+    return arr

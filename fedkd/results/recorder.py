@@ -1,0 +1,141 @@
+"""The one place results are written: one JSON line per round, a summary, plots.
+
+Loggers fan out from here (file, progress display, plots). `summary.json` is written
+last and atomically, so a run directory with a summary is a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REQUIRED_FIELDS = (
+    "round",
+    "teacher_accuracy",
+    "client_accuracy_mean",
+    "client_accuracy_min",
+    "client_accuracy_max",
+    "bytes_up",
+    "bytes_down",
+    "clients",
+    "rejected",
+    "wall_seconds",
+)
+TIMING_FIELDS = (
+    "wall_seconds",
+    "elapsed_seconds",
+    "clients_seconds",
+    "server_seconds",
+    "client_compute_seconds",
+)
+_TOTALS = (
+    "bytes_up",
+    "bytes_down",
+    "clients",
+    "replies",
+    "rejected",
+    "failed",
+    "late",
+    "wall_seconds",
+    "clients_seconds",
+    "server_seconds",
+    "client_compute_seconds",
+)
+_FINALS = ("teacher_accuracy", "client_accuracy_mean", "client_accuracy_min", "client_accuracy_max")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/Inf to null."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunRecorder:
+    def __init__(
+        self, out_dir: str | Path, meta: dict[str, Any], progress: Any = None, plots: bool = True
+    ):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.meta = meta
+        self.progress = progress
+        self.plots = plots
+        self.rows: list[dict[str, Any]] = []
+        self.path = self.out_dir / "metrics.jsonl"
+        self.path.write_text("")
+        self.elapsed = 0.0
+
+    def log_round(self, row: dict[str, Any]) -> None:
+        full = {k: None for k in REQUIRED_FIELDS} | {k: _clean(v) for k, v in row.items()}
+        self.elapsed += full.get("wall_seconds") or 0.0
+        full["elapsed_seconds"] = self.elapsed
+        self.rows.append(full)
+        with self.path.open("a") as f:
+            f.write(json.dumps(full, sort_keys=True) + "\n")
+            f.flush()
+        if self.progress is not None:
+            self.progress.round(full)
+
+    def summary(self) -> dict[str, Any]:
+        last = self.rows[-1] if self.rows else {}
+        teacher = [r["teacher_accuracy"] for r in self.rows if r["teacher_accuracy"] is not None]
+        out: dict[str, Any] = dict(self.meta)
+        out["rounds"] = len(self.rows)
+        for key in _FINALS:
+            out[key] = last.get(key)
+        out["best_teacher_accuracy"] = max(teacher) if teacher else None
+        for key in _TOTALS:
+            out[key] = sum((r.get(key) or 0) for r in self.rows)
+        out["bytes_up_per_round"] = out["bytes_up"] / max(1, len(self.rows))
+        out["bytes_down_per_round"] = out["bytes_down"] / max(1, len(self.rows))
+        return out
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        summary = self.summary() | (extra or {})
+        if self.plots and self.rows:
+            from fedkd.results import plots
+
+            name = str(self.meta.get("strategy", ""))
+            plots.plot_run(self.rows, self.out_dir / "plots", title=name)
+            if (self.meta.get("num_tasks") or 1) > 1:
+                for prefix, who in (("", "server model"), ("student_", "students (mean)")):
+                    matrix = summary.get(f"{prefix}accuracy_matrix")
+                    if matrix and any(v is not None for row in matrix for v in row):
+                        plots.plot_accuracy_matrix(
+                            matrix,
+                            self.out_dir / "plots" / f"{prefix}accuracy_matrix.png",
+                            f"{name}: R of the {who} (%)",
+                        )
+                    plots.plot_task_accuracy(
+                        self.rows,
+                        self.out_dir / "plots" / f"{prefix}task_accuracy.png",
+                        f"{prefix}task_accuracy",
+                        f"{name}: {who}, accuracy per task",
+                    )
+        write_json_atomic(self.out_dir / "summary.json", summary)
+        if self.progress is not None:
+            self.progress.done(summary)
+        return summary

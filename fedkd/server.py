@@ -1,0 +1,132 @@
+"""The Flower ServerApp: build the strategy, meet the clients, run the rounds, record.
+
+Before round 1 the server waits until every expected node has registered (with
+`run_simulation`, nodes register while the ServerApp starts) and asks each node
+which partition it holds, because sampling is over partition ids while node ids are
+random.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedkd.data.federated import federated_data
+from fedkd.errors import FedKDError
+from fedkd.protocol import CONFIG, METRICS, QUERY
+from fedkd.resources import visible_gpus
+from fedkd.results.progress import RoundProgress
+from fedkd.results.recorder import RunRecorder
+from strategies import ServerContext, build_strategy
+
+log = logging.getLogger("fedkd.server")
+
+
+class FederationError(FedKDError):
+    """The federation could not be formed (nodes missing, partitions inconsistent)."""
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(nodes)} of num_clients={expected} nodes registered within "
+                f"simulation.register_timeout={timeout}s"
+            )
+        time.sleep(0.2)
+
+
+def discover_partitions(
+    grid: Grid, nodes: list[int], expected: int, timeout: float
+) -> dict[int, int]:
+    """Ask every node for its partition id; return {node id: partition id}."""
+    messages = [
+        Message(
+            RecordDict({CONFIG: ConfigRecord({"want": "partition-id"})}),
+            dst_node_id=n,
+            message_type=QUERY,
+        )
+        for n in nodes
+    ]
+    partitions: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log.warning(
+                "node %s did not answer the handshake: %s",
+                reply.metadata.src_node_id,
+                reply.error.reason[:300],
+            )
+            continue
+        pid = int(reply.content.metric_records[METRICS]["partition-id"])
+        if pid in partitions.values():
+            raise FederationError(f"two nodes claim partition {pid}")
+        partitions[reply.metadata.src_node_id] = pid
+    missing = sorted(set(range(expected)) - set(partitions.values()))
+    if missing:
+        log.warning(
+            "no node holds partition(s) %s; sampling uses the %d that answered",
+            missing[:10],
+            len(partitions),
+        )
+    if not partitions:
+        raise FederationError("no node answered the partition handshake")
+    return partitions
+
+
+def run_server(grid: Grid, cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """Run a whole experiment on `grid`; returns the summary (also in summary.json)."""
+    out = Path(out_dir)
+    strategy = build_strategy(cfg)
+    device = "cuda" if visible_gpus() > 0 else "cpu"
+    strategy.setup(ServerContext(cfg=cfg, data=federated_data(cfg), device=device, out_dir=out))
+    sim = cfg["simulation"]
+    if sim.get("fast_dispatch") and hasattr(grid, "pull_interval"):
+        grid.pull_interval = 0.01  # Flower's in-memory grid polls for replies every 0.1 s
+    if strategy.uses_clients:
+        nodes = wait_for_nodes(grid, int(cfg["num_clients"]), float(sim["register_timeout"]))
+        strategy.connect(
+            discover_partitions(
+                grid, nodes, int(cfg["num_clients"]), float(sim["register_timeout"])
+            )
+        )
+    meta = {
+        "strategy": strategy.name,
+        "seed": cfg["seed"],
+        "dataset": cfg["dataset"]["name"],
+        "num_clients": cfg["num_clients"],
+        "clients_per_round": cfg["clients_per_round"],
+        "lifelong": cfg["lifelong"]["name"],
+        "mitigation": cfg["lifelong"]["mitigation"],
+        "proxy_mode": cfg["lifelong"]["proxy"],
+        "num_tasks": strategy.data.num_tasks,
+    }
+    progress = None
+    if cfg["output"]["progress"]:
+        title = f"fedkd: {strategy.name} on {cfg['dataset']['name']}, {cfg['num_clients']} clients"
+        if strategy.data.stream.lifelong:
+            title += f", {cfg['lifelong']['name']} ({strategy.data.num_tasks} tasks, "
+            title += f"mitigation {cfg['lifelong']['mitigation']})"
+        progress = RoundProgress(int(cfg["rounds"]), title)
+    recorder = RunRecorder(out, meta, progress=progress, plots=bool(cfg["output"]["plots"]))
+    lifelong = strategy.run(grid, recorder)
+    return recorder.finish(lifelong)
+
+
+def build_server_app(cfg: dict[str, Any], out_dir: str | Path) -> ServerApp:
+    """A ServerApp bound to a resolved config and an output directory (simulation)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, cfg, out_dir)
+
+    return app

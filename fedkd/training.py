@@ -1,0 +1,160 @@
+"""Training loops shared by clients and the server. Plain tensors, no DataLoader.
+
+Batches are drawn from index permutations of a `torch.Generator`, so a loop's
+randomness is a pure function of the generator its caller seeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedkd.distill import distillation_loss, kd_loss, tempered_softmax
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """Hyper-parameters of one client's local update (sent by the server each round)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    alpha: float = 0.5  # CE weight when a teacher is present
+    temperature: float = 3.0
+
+
+def train_student(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hp: LocalTraining,
+    generator: torch.Generator,
+    proxy_x: torch.Tensor | None = None,
+    teacher_probs: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    private_probs: torch.Tensor | None = None,
+    private_weight: float = 0.0,
+) -> float:
+    """CE on private (x, y) plus KD toward `teacher_probs` on `proxy_x`; returns mean loss.
+
+    Each step pairs a private batch with a proxy batch, sized so that one epoch
+    covers both sets once. Without a teacher this is plain supervised training.
+    `private_probs` (soft labels for x, e.g. from the client's previous model, as in
+    LwF) add `private_weight * tau^2 * KL` on the private batch.
+    """
+    model.to(device).train()
+    opt = torch.optim.SGD(
+        model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+    )
+    n = len(y)
+    steps = max(1, -(-n // hp.batch_size))
+    use_kd = teacher_probs is not None and proxy_x is not None and len(proxy_x) > 0
+    proxy_bs = -(-len(proxy_x) // steps) if use_kd else 0
+    total, count = 0.0, 0
+    for _ in range(hp.epochs):
+        order = torch.randperm(n, generator=generator)
+        porder = torch.randperm(len(proxy_x), generator=generator) if use_kd else None
+        for s in range(steps):
+            idx = order[s * hp.batch_size : (s + 1) * hp.batch_size]
+            if len(idx) == 0:
+                continue
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            pidx = porder[s * proxy_bs : (s + 1) * proxy_bs] if use_kd else None
+            if pidx is not None and len(pidx) > 0:
+                out = model(torch.cat([xb, proxy_x[pidx].to(device)]))
+                logits = out[: len(idx)]
+                loss = kd_loss(
+                    logits,
+                    yb,
+                    teacher_probs[pidx].to(device),
+                    hp.alpha,
+                    hp.temperature,
+                    kd_logits=out[len(idx) :],
+                )
+            else:
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+            if private_probs is not None and private_weight > 0:
+                target = private_probs[idx].to(device)
+                loss = loss + private_weight * distillation_loss(logits, target, hp.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 1000, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Logits for `x` in eval mode, batched, on the CPU."""
+    model.to(device).eval()
+    outs = [
+        model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)
+    ]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 1000,
+    device: torch.device | str = "cpu",
+) -> float:
+    if len(y) == 0:
+        return float("nan")
+    pred = predict_logits(model, x, batch_size, device).argmax(1)
+    return float((pred == y).float().mean())
+
+
+def distill_to_targets(
+    model: nn.Module,
+    x: torch.Tensor,
+    target_probs: torch.Tensor,
+    *,
+    temperature: float,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    optimizer: torch.optim.Optimizer | None = None,
+    weights: torch.Tensor | None = None,
+) -> float:
+    """Distill `model` on unlabeled `x` toward `target_probs`; returns mean loss.
+
+    Adam unless an optimizer is given. `weights` weigh samples (e.g. remembered
+    proxy items against the current ones). This is how the server teacher absorbs
+    the aggregated client knowledge.
+    """
+    model.to(device).train()
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for s in range(0, len(x), batch_size):
+            idx = order[s : s + batch_size]
+            w = None if weights is None else weights[idx].to(device)
+            out = model(x[idx].to(device))
+            loss = distillation_loss(out, target_probs[idx].to(device), temperature, w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+    return total / max(count, 1)
+
+
+def soft_labels(
+    model: nn.Module, x: torch.Tensor, temperature: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """softmax(model(x) / tau): what a teacher broadcasts."""
+    return tempered_softmax(predict_logits(model, x, device=device), temperature)

@@ -1,0 +1,282 @@
+"""`fedkd-bench`: the simulator against the compute bound, on one workload.
+
+    fedkd-bench --name dsfl-100 --out docs/bench/dsfl-100.json OVERRIDES...
+    fedkd-bench summarize docs/bench --out docs/benchmarks.md
+
+The workload is the Hydra config composed from OVERRIDES (as for fedkd-sim). It runs
+twice:
+
+(a) through the simulator: `fedkd-sim` in a child process (Flower's simulation
+    engine on Ray), its process tree's peak RSS sampled every 0.2 s;
+(b) the compute bound: exactly the same work — the same sampled clients, plans,
+    payloads, client function (`fedkd.client.client_reply`), validation, aggregation
+    and evaluation, with the same seeds — run sequentially in this one process with
+    torch using every core: no simulation engine, no Ray, no message transport.
+
+`overhead_ratio` = (a) / (b) over steady-state rounds (round 1 warms caches and actors
+and is excluded; process start-up is reported as `startup_seconds`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from simulations.cli import run_cli
+
+PROG = "fedkd-bench"
+QUIET = ("output.plots=false", "output.progress=false", "output.checkpoint=false")
+
+
+class TreeRSS:
+    """Peak resident memory of a process and all its descendants, sampled."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):  # a process may exit meanwhile
+                total += p.memory_info().rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def steady(values: list[float]) -> float:
+    """Mean over rounds after the first (the first warms caches and actors)."""
+    rest = values[1:] or values
+    return sum(rest) / len(rest)
+
+
+def run_simulator(overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "simulations.run", *overrides, *QUIET, f"hydra.run.dir={run_dir}"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with TreeRSS(proc.pid) as rss:
+        _, err = proc.communicate()
+    total = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.stderr.write(err[-4000:])
+        raise SystemExit(proc.returncode)
+    from fedkd.results import read_metrics
+
+    rows = read_metrics(run_dir)
+    rounds = [r["wall_seconds"] for r in rows]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    replies = sum(r.get("replies") or 0 for r in rows) or 1
+    return {
+        "sim_round_seconds": steady(rounds),
+        "sim_first_round_seconds": rounds[0],
+        "sim_total_seconds": total,
+        "startup_seconds": total - sum(rounds),
+        "peak_rss_mb": rss.peak / 2**20,
+        "bytes_up_per_client_round": summary["bytes_up"] / replies,
+        "bytes_down_per_client_round": summary["bytes_down"] / replies,
+        "sim_teacher_accuracy": [r["teacher_accuracy"] for r in rows],
+        "sim_client_compute_seconds": steady(
+            [r.get("client_compute_seconds") or 0.0 for r in rows]
+        ),
+    }
+
+
+def run_bound(config_path: Path, work_dir: Path) -> dict[str, Any]:
+    """The same rounds, sequential, in this process, torch on every core."""
+    import psutil
+    import torch
+    import yaml
+
+    from fedkd.client import client_reply
+    from fedkd.data.federated import federated_data
+    from strategies import ServerContext, build_strategy
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = yaml.safe_load(config_path.read_text())
+    cfg["simulation"]["client_state_dir"] = str(work_dir / "client_state")
+    cfg["output"]["checkpoint"] = False
+    data = federated_data(cfg)
+    strategy = build_strategy(cfg)
+    strategy.setup(ServerContext(cfg=cfg, data=data, device="cpu", out_dir=work_dir))
+    strategy.connect({pid: pid for pid in range(int(cfg["num_clients"]))})
+    times, accs = [], []
+    for rnd in range(1, int(cfg["rounds"]) + 1):
+        start = time.perf_counter()
+        replies = [
+            strategy.parse_reply(pid, client_reply(cfg, pid, content))
+            for pid, content in strategy.prepare_round(rnd)
+        ]
+        strategy.conclude(rnd, replies, failed=0, rejected=0, late=0, bytes_up=0)
+        accs.append(strategy.evaluate(rnd)["teacher_accuracy"])
+        times.append(time.perf_counter() - start)
+    return {
+        "bound_round_seconds": steady(times),
+        "bound_first_round_seconds": times[0],
+        "bound_peak_rss_mb": psutil.Process().memory_info().rss / 2**20,
+        "bound_teacher_accuracy": accs,
+        "bound_torch_threads": torch.get_num_threads(),
+    }
+
+
+def machine() -> dict[str, Any]:
+    import flwr
+    import ray
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
+        "ray": ray.__version__,
+        "date": date.today().isoformat(),
+    }
+
+
+def bench(name: str, overrides: list[str], out: str | None, bound: bool) -> dict[str, Any]:
+    from hydra import compose, initialize_config_dir
+
+    from fedkd.config import CONF_DIR, validate
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    validate(cfg)  # bad workloads fail here, in one line
+    with tempfile.TemporaryDirectory(prefix="fedkd-bench-") as tmp:
+        run_dir = Path(tmp) / "sim"
+        result: dict[str, Any] = {
+            "name": name,
+            "overrides": overrides,
+            "num_clients": int(cfg.num_clients),
+            "clients_per_round": int(cfg.clients_per_round),
+            "rounds": int(cfg.rounds),
+            "sim_torch_threads_per_client": int(cfg.simulation.num_cpus),
+        }
+        result |= run_simulator(overrides, run_dir)
+        if bound:
+            result |= run_bound(run_dir / "config.yaml", Path(tmp) / "bound")
+            result["overhead_ratio"] = result["sim_round_seconds"] / result["bound_round_seconds"]
+    result["machine"] = machine()
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print_table([result])
+    return result
+
+
+ROWS = [
+    ("clients_per_round", "clients/round", "{:d}"),
+    ("num_clients", "registered", "{:d}"),
+    ("sim_round_seconds", "sim round (s)", "{:.2f}"),
+    ("bound_round_seconds", "bound round (s)", "{:.2f}"),
+    ("overhead_ratio", "overhead ratio", "{:.3f}"),
+    ("startup_seconds", "start-up (s)", "{:.1f}"),
+    ("peak_rss_mb", "peak RSS (MB)", "{:.0f}"),
+    ("bytes_up_per_client_round", "up/client/round (B)", "{:.0f}"),
+    ("bytes_down_per_client_round", "down/client/round (B)", "{:.0f}"),
+]
+
+
+def _cell(result: dict[str, Any], key: str, fmt: str) -> str:
+    value = result.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    header = ["workload", *[h for _, h, _ in ROWS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        lines.append("| " + " | ".join([r["name"], *[_cell(r, k, f) for k, _, f in ROWS]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fedkd-bench")
+    table.add_column("workload")
+    for _, header, _ in ROWS:
+        table.add_column(header, justify="right")
+    for r in results:
+        table.add_row(r["name"], *[_cell(r, k, f) for k, _, f in ROWS])
+    Console(width=170).print(table)
+
+
+def summarize(folder: str, out: str | None) -> str:
+    from fedkd.errors import FedKDError
+
+    files = sorted(Path(folder).glob("*.json"))
+    if not files:
+        raise FedKDError(f"{folder}: no benchmark results (*.json)")
+    results = [json.loads(f.read_text()) for f in files]
+    text = markdown(results)
+    if out:
+        Path(out).write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["summarize"]:
+        p = argparse.ArgumentParser(prog=f"{PROG} summarize")
+        p.add_argument("folder")
+        p.add_argument("--out")
+        args = p.parse_args(argv[1:])
+        run_cli(PROG, lambda: print(summarize(args.folder, args.out), end=""))
+        return
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--name", default="workload")
+    p.add_argument("--out", help="write the result JSON here")
+    p.add_argument("--no-bound", action="store_true", help="only run the simulator")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedkd-sim")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    run_cli(PROG, lambda: bench(args.name, args.overrides, args.out, not args.no_bound))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""`fedkd-report DIR...`: turn finished runs into a Markdown and a CSV table.
+
+Each argument is a run directory or any folder above run directories (a multirun).
+A run is a directory with `summary.json` and `config.yaml`. Runs are grouped by
+(strategy, mitigation); each cell is mean +- std over the group's seeds. Runs whose
+settings differ in anything but strategy, mitigation and seed are refused rather
+than tabulated together. Lifelong runs get the continual-learning columns and, with
+`--out`, figures: the mean accuracy matrix of each group and forgetting per method.
+
+    fedkd-report multirun/2026-11-23/11-20-00 --out docs/results/default
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedkd.errors import FedKDError
+from simulations.cli import run_cli
+
+PROG = "fedkd-report"
+
+# Keys that may differ between runs of one table: what is being compared, and
+# where each run happened to write its files.
+VARYING = ("strategy", "seed", "lifelong.mitigation", "simulation.client_state_dir")
+
+COLUMNS: list[tuple[str, str, str]] = [  # (summary key, header, format)
+    ("teacher_accuracy", "teacher acc. (%)", "pct"),
+    ("client_accuracy_mean", "student acc. mean (%)", "pct"),
+    ("client_accuracy_min", "student acc. min (%)", "pct"),
+    ("bytes_up_per_round", "up / round (MB)", "mb"),
+    ("bytes_down_per_round", "down / round (MB)", "mb"),
+    ("bytes_total", "total (MB)", "mb"),
+    ("wall_seconds", "wall (s)", "s"),
+]
+LIFELONG_COLUMNS: list[tuple[str, str, str]] = [
+    ("avg_accuracy", "avg acc. (%)", "pct"),
+    ("forgetting", "forgetting (%)", "pct"),
+    ("forgetting_last", "forgetting, last (%)", "pct"),
+    ("bwt", "BWT (%)", "pct"),
+    ("fwt", "FWT (%)", "pct"),
+    ("student_avg_accuracy", "student avg acc. (%)", "pct"),
+    ("student_forgetting", "student forgetting (%)", "pct"),
+    ("bytes_total", "total (MB)", "mb"),
+    ("wall_seconds", "wall (s)", "s"),
+]
+
+
+class ReportError(FedKDError):
+    pass
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def group(self) -> str:
+        mitigation = self.summary.get("mitigation") or "none"
+        lifelong = (self.summary.get("num_tasks") or 1) > 1
+        name = str(self.summary.get("strategy"))
+        return f"{name} + {mitigation}" if lifelong else name
+
+    @property
+    def lifelong(self) -> bool:
+        return (self.summary.get("num_tasks") or 1) > 1
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def find_runs(paths: list[str]) -> list[Run]:
+    runs = []
+    for p in paths:
+        root = Path(p)
+        if not root.exists():
+            raise ReportError(f"{p}: no such directory")
+        for summary in sorted(root.rglob("summary.json")):
+            run_dir = summary.parent
+            config = run_dir / "config.yaml"
+            if not config.exists():
+                continue
+            try:
+                s = json.loads(summary.read_text())
+                c = yaml.safe_load(config.read_text())
+            except (json.JSONDecodeError, yaml.YAMLError) as exc:
+                raise ReportError(f"{run_dir}: unreadable results ({exc})") from None
+            s["bytes_total"] = (s.get("bytes_up") or 0) + (s.get("bytes_down") or 0)
+            runs.append(Run(run_dir, s, c))
+    if not runs:
+        raise ReportError(
+            "no finished runs (directories with summary.json and config.yaml) under "
+            + ", ".join(paths)
+        )
+    return runs
+
+
+def check_same_setting(runs: list[Run]) -> None:
+    """Every run must share every setting except those in VARYING."""
+
+    def setting(run: Run) -> dict[str, Any]:
+        flat = _flatten(run.config)
+        return {
+            k: v
+            for k, v in flat.items()
+            if not any(k == x or k.startswith(x + ".") for x in VARYING)
+        }
+
+    ref = setting(runs[0])
+    for run in runs[1:]:
+        other = setting(run)
+        for key in sorted(set(ref) | set(other)):
+            if ref.get(key) != other.get(key):
+                raise ReportError(
+                    f"runs of different settings are mixed: {key} is {ref.get(key)!r} in "
+                    f"{runs[0].path} but {other.get(key)!r} in {run.path}"
+                )
+
+
+def _stats(values: list[float | None]) -> tuple[float, float, int] | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, std, len(vals)
+
+
+def _fmt(stat: tuple[float, float, int] | None, kind: str) -> str:
+    if stat is None:
+        return "-"
+    mean, std, n = stat
+    scale = {"pct": 100.0, "mb": 1e-6, "s": 1.0}[kind]
+    digits = {"pct": 1, "mb": 3, "s": 0}[kind]
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
+
+
+def grouped(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run.group].append(run)
+    return dict(sorted(groups.items()))
+
+
+def table(runs: list[Run]) -> tuple[str, str]:
+    """Markdown and CSV of the runs, one row per group, mean ± std over seeds."""
+    columns = LIFELONG_COLUMNS if any(r.lifelong for r in runs) else COLUMNS
+    label = "strategy + mitigation" if columns is LIFELONG_COLUMNS else "strategy"
+    header = [label, "seeds", *[h for _, h, _ in columns]]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(
+        ["group", "seeds"] + [f"{k}_{s}" for k, _, _ in columns for s in ("mean", "std")]
+    )
+    for name, group in grouped(runs).items():
+        seeds = sorted({r.summary.get("seed") for r in group})
+        stats = [_stats([r.summary.get(k) for r in group]) for k, _, _ in columns]
+        cells = [_fmt(s, kind) for s, (_, _, kind) in zip(stats, columns, strict=True)]
+        md.append("| " + " | ".join([name, str(len(seeds)), *cells]) + " |")
+        writer.writerow(
+            [name, len(seeds)] + [x for s in stats for x in ((s[0], s[1]) if s else ("", ""))]
+        )
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def figures(runs: list[Run], out_dir: Path) -> list[Path]:
+    """Mean accuracy matrix per group, and forgetting / accuracy per method."""
+    import numpy as np
+
+    from fedkd.results.plots import plot_accuracy_matrix, plot_method_bars
+
+    written = []
+    groups = grouped([r for r in runs if r.lifelong])
+    for name, group in groups.items():
+        mats = [r.summary.get("accuracy_matrix") for r in group if r.summary.get("accuracy_matrix")]
+        if not mats:
+            continue
+        arr = np.array(
+            [[[np.nan if v is None else v for v in row] for row in m] for m in mats], float
+        )
+        mean = np.nanmean(arr, axis=0).tolist()
+        path = out_dir / f"matrix_{name.replace(' + ', '_')}.png"
+        plot_accuracy_matrix(mean, path, f"{name}: R of the server model (%), {len(mats)} seed(s)")
+        written.append(path)
+    if groups:
+        bars = {
+            key: {n: _stats([r.summary.get(key) for r in g]) for n, g in groups.items()}
+            for key in ("avg_accuracy", "forgetting", "student_forgetting")
+        }
+        path = out_dir / "forgetting.png"
+        plot_method_bars(bars, path)
+        written.append(path)
+    return written
+
+
+def report(paths: list[str], out: str | None) -> str:
+    runs = find_runs(paths)
+    check_same_setting(runs)
+    markdown, csv_text = table(runs)
+    if out:
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "table.md").write_text(markdown)
+        (out_dir / "table.csv").write_text(csv_text)
+        figures(runs, out_dir)
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", help="run directories or folders containing them")
+    parser.add_argument("--out", help="also write table.md and table.csv here")
+    args = parser.parse_args(argv)
+
+    def go() -> None:
+        print(report(args.dirs, args.out), end="")
+
+    run_cli(PROG, go)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""FedAvg (McMahan et al. 2017): the weight-sharing baseline.
+
+Clients start each round from the global model, train locally on their private data
+(no distillation) and send their weights; the server averages them, weighted by
+`num-examples`. The global model plays the teacher's role in the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from omegaconf import DictConfig
+from torch import nn
+
+from fedkd.errors import ConfigError
+from fedkd.models import create_model
+from fedkd.protocol import REPLY_WEIGHTS, WEIGHTS, ClientReply, InvalidReply, check_array
+from fedkd.training import soft_labels
+from strategies.base import FederatedStrategy, ServerContext
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def average_weights(
+    states: list[dict[str, torch.Tensor]], weights: list[float]
+) -> dict[str, torch.Tensor]:
+    """Weighted mean of state dicts; integer buffers are rounded back to integers."""
+    total = float(sum(weights))
+    out = {}
+    for key, ref in states[0].items():
+        acc = sum(w / total * s[key].double() for s, w in zip(states, weights, strict=True))
+        out[key] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
+    return out
+
+
+class FedAvg(FederatedStrategy):
+    reply_kind = REPLY_WEIGHTS
+    uses_proxy = False
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        if len(set(cfg.model.students)) > 1:
+            raise ConfigError(
+                "model.students",
+                list(cfg.model.students),
+                f"a single architecture: {cfg.strategy.name} averages weights, so every "
+                "client must run the same model (use fedmd or dsfl for heterogeneous students)",
+            )
+
+    def setup(self, ctx: ServerContext) -> None:
+        super().setup(ctx)
+        m = self.cfg["model"]
+        arch = m["students"][0] if m["students"] else m["student"]
+        self.model: nn.Module = create_model(
+            arch,
+            num_classes=self.data.num_classes,
+            input_shape=self.data.input_shape,
+            seed=(self.seed, "global-init"),
+            **m["student_kwargs"],
+        ).to(self.device)
+
+    def broadcast(self, rnd: int) -> dict[str, ArrayRecord]:
+        return {WEIGHTS: ArrayRecord(cpu_state(self.model))}
+
+    def check_payload(self, content: RecordDict) -> ArrayRecord:
+        record = content.array_records.get(WEIGHTS)
+        if record is None:
+            raise InvalidReply(f"no ArrayRecord {WEIGHTS!r}")
+        reference = self.model.state_dict()
+        if set(record.keys()) != set(reference):
+            raise InvalidReply("weights do not match the global model's parameter names")
+        for key, ref in reference.items():
+            check_array(record, key, tuple(ref.shape), ref.cpu().numpy().dtype)
+        return record
+
+    def average(self, replies: list[ClientReply]) -> dict[str, torch.Tensor]:
+        states = [r.arrays.to_torch_state_dict() for r in replies]
+        return average_weights(states, [r.num_examples for r in replies])
+
+    @property
+    def server_model(self) -> nn.Module:
+        return self.model
+
+    def refine(self, rnd: int, replies: list[ClientReply]) -> dict[str, Any]:
+        """After averaging: nothing for FedAvg (FedDF distills here)."""
+        return {}
+
+    def aggregate(self, rnd: int, replies: list[ClientReply]) -> tuple[ArrayRecord, dict[str, Any]]:
+        self.model.load_state_dict(self.average(replies))
+        stats = self.refine(rnd, replies)
+        if self.mitigation.distills_server_model and len(self.round_proxy_x):
+            # anchor what the average knows now, on the round's subset, while the
+            # mitigation adds what the server must not forget
+            own = soft_labels(
+                self.model,
+                self.round_proxy_x,
+                float(self.cfg["distill"]["temperature"]),
+                device=self.device,
+            )
+            stats["memory_loss"] = self.distill_server_model(self.model, own, rnd)
+        return ArrayRecord(cpu_state(self.model)), stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict()}

@@ -1,0 +1,25 @@
+"""Local training only: the no-federation reference point.
+
+Clients train on their own shard every round and send nothing back but metrics;
+there is no teacher, so `teacher_accuracy` is null and bytes are zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from fedkd.protocol import REPLY_NONE, ClientReply
+from strategies.base import FederatedStrategy
+
+
+class Local(FederatedStrategy):
+    reply_kind = REPLY_NONE
+    uses_proxy = False
+    has_server_model = False
+
+    def aggregate(
+        self, rnd: int, replies: list[ClientReply]
+    ) -> tuple[ArrayRecord | None, dict[str, Any]]:
+        return None, {}

@@ -1,0 +1,102 @@
+"""Shared machinery of the soft-label strategies (FedMD, DS-FL, ...).
+
+The server keeps a teacher. Each round it broadcasts the teacher's soft labels on the
+round's proxy subset, collects the clients' logits on the same subset, turns them
+into target probabilities with `aggregate_knowledge` (the one method a subclass
+writes) and distills the teacher toward them. Round 1 sends no soft labels: an
+untrained teacher has nothing to teach.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from torch import nn
+
+from fedkd.comm.codecs import CODECS, check, decode, encode
+from fedkd.distill import entropy
+from fedkd.errors import ConfigError
+from fedkd.models import create_model
+from fedkd.protocol import (
+    KNOWLEDGE,
+    LOGITS,
+    REPLY_LOGITS,
+    SOFT_LABELS,
+    TEACHER,
+    ClientReply,
+    InvalidReply,
+)
+from fedkd.training import soft_labels
+from strategies.base import FederatedStrategy, ServerContext
+
+
+class SoftLabelStrategy(FederatedStrategy):
+    reply_kind = REPLY_LOGITS
+
+    def __init__(self, cfg: dict, codec: str = "float16", weighted: bool = False) -> None:
+        super().__init__(cfg)
+        if codec not in CODECS:
+            raise ConfigError("strategy.codec", codec, "one of " + ", ".join(CODECS))
+        self.codec = codec
+        self.weighted = weighted  # weight clients by num-examples when aggregating
+        self.temperature = float(cfg["distill"]["temperature"])
+        self.teacher_ready = False
+
+    def aggregate_knowledge(
+        self, logits: torch.Tensor, weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(K, n, C) client logits -> (n, C) target probabilities for the teacher."""
+        raise NotImplementedError
+
+    def setup(self, ctx: ServerContext) -> None:
+        super().setup(ctx)
+        m = self.cfg["model"]
+        self.teacher = create_model(
+            m["teacher"],
+            num_classes=self.data.num_classes,
+            input_shape=self.data.input_shape,
+            seed=(self.seed, "teacher-init"),
+            **m["teacher_kwargs"],
+        ).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.teacher.parameters(), lr=float(self.cfg["distill"]["server_lr"])
+        )
+
+    @property
+    def server_model(self) -> nn.Module:
+        return self.teacher
+
+    def broadcast(self, rnd: int) -> dict[str, ArrayRecord]:
+        if not self.teacher_ready:
+            return {}
+        probs = soft_labels(self.teacher, self.round_proxy_x, self.temperature, device=self.device)
+        return {TEACHER: encode(probs, self.codec, SOFT_LABELS, kind="probs")}
+
+    def check_payload(self, content: RecordDict) -> ArrayRecord:
+        record = content.array_records.get(KNOWLEDGE)
+        if record is None:
+            raise InvalidReply(f"no ArrayRecord {KNOWLEDGE!r}")
+        shape = (len(self.round_proxy_x), self.data.num_classes)
+        check(record, self.codec, LOGITS, shape)
+        return record
+
+    def aggregate(self, rnd: int, replies: list[ClientReply]) -> tuple[ArrayRecord, dict[str, Any]]:
+        shape = (len(self.round_proxy_x), self.data.num_classes)
+        logits = torch.stack([decode(r.arrays, LOGITS, self.codec, shape) for r in replies])
+        weights = None
+        if self.weighted:
+            weights = torch.tensor([r.num_examples for r in replies], dtype=torch.float32)
+        target = self.aggregate_knowledge(logits, weights)
+        loss = self.distill_server_model(self.teacher, target, rnd, self.optimizer)
+        self.teacher_ready = True
+        stats = {"teacher_loss": loss, "target_entropy": float(entropy(target))}
+        return encode(target, "float32", SOFT_LABELS, kind="probs"), stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "teacher_ready": self.teacher_ready,
+        }

@@ -1,0 +1,137 @@
+"""The ClientApp's train and query handlers, called directly (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+
+from fedkd.client import build_client_app, client_runtime, student_name
+from fedkd.comm.codecs import encode
+from fedkd.protocol import (
+    CONFIG,
+    KNOWLEDGE,
+    LOGITS,
+    METRICS,
+    QUERY,
+    SOFT_LABELS,
+    TEACHER,
+    TRAIN,
+    WEIGHTS,
+    ProxySegment,
+    RoundPlan,
+)
+
+
+def plan(cfg, rnd=1, reply="logits", count=None, task=0, role="learn"):
+    return RoundPlan(
+        round=rnd,
+        task=task,
+        role=role,
+        reply=reply,
+        proxy=(ProxySegment(task, 7, cfg["proxy"]["size"] if count is None else count),),
+        codec="float16",
+        epochs=1,
+        batch_size=32,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=0.0,
+        alpha=0.5,
+        temperature=3.0,
+    )
+
+
+def context(pid):
+    return Context(
+        run_id=1,
+        node_id=10 + pid,
+        node_config={"partition-id": pid, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def call(app, cfg, pid, p, extra=None):
+    content = RecordDict({CONFIG: p.to_record(), **(extra or {})})
+    msg = Message(content, dst_node_id=10 + pid, message_type=TRAIN)
+    return app(msg, context(pid))
+
+
+def test_train_reply_has_float16_logits_on_the_proxy_subset_and_metrics(plain_cfg):
+    cfg = plain_cfg()
+    app = build_client_app(cfg)
+    data = client_runtime(cfg).data
+    reply = call(app, cfg, 0, plan(cfg, count=50))
+    logits = reply.content.array_records[KNOWLEDGE][LOGITS].numpy()
+    assert logits.dtype == np.float16 and logits.shape == (50, data.num_classes)
+    metrics = reply.content.metric_records[METRICS]
+    assert metrics["num-examples"] == len(data.shards[0])
+    assert 0.0 <= metrics["test-accuracy"] <= 1.0 and metrics["train-loss"] > 0
+
+
+def test_student_persists_across_rounds_and_training_is_seeded(plain_cfg):
+    cfg = plain_cfg()
+    app = build_client_app(cfg)
+    rt = client_runtime(cfg)
+    first = call(app, cfg, 1, plan(cfg, 1)).content.array_records[KNOWLEDGE][LOGITS].numpy()
+    stored = rt.store.load(1)["model"]
+    second = call(app, cfg, 1, plan(cfg, 2)).content.array_records[KNOWLEDGE][LOGITS].numpy()
+    assert not np.array_equal(first, second)
+    # restart from the same stored state: round 2 gives exactly the same logits
+    rt.store.save(1, {"model": stored})
+    again = call(app, cfg, 1, plan(cfg, 2)).content.array_records[KNOWLEDGE][LOGITS].numpy()
+    assert np.array_equal(second, again)
+
+
+def test_teacher_soft_labels_change_training(plain_cfg):
+    cfg = plain_cfg()
+    app = build_client_app(cfg)
+    rt = client_runtime(cfg)
+    n, c = cfg["proxy"]["size"], rt.data.num_classes
+    uniform = {TEACHER: encode(torch.full((n, c), 1.0 / c), "float16", SOFT_LABELS)}
+    plain = call(app, cfg, 2, plan(cfg)).content.array_records[KNOWLEDGE][LOGITS].numpy()
+    rt.store.clear()
+    kd = call(app, cfg, 2, plan(cfg), uniform).content.array_records[KNOWLEDGE][LOGITS].numpy()
+    assert not np.array_equal(plain, kd)
+    # a uniform teacher pulls the student's outputs toward equal logits
+    assert kd.astype(np.float32).std(1).mean() < plain.astype(np.float32).std(1).mean()
+
+
+def test_teacher_of_the_wrong_shape_is_refused(plain_cfg):
+    cfg = plain_cfg()
+    app = build_client_app(cfg)
+    bad = {TEACHER: encode(torch.full((5, 3), 0.3), "float16", SOFT_LABELS)}
+    with pytest.raises(ValueError, match="malformed teacher soft labels"):
+        call(app, cfg, 0, plan(cfg), bad)
+
+
+def test_weights_in_and_weights_out(plain_cfg):
+    cfg = plain_cfg("strategy=fedavg")
+    app = build_client_app(cfg)
+    from fedkd.client import new_student
+
+    model = new_student(cfg, client_runtime(cfg).data, 99)
+    reply = call(
+        app, cfg, 0, plan(cfg, reply="weights", count=0), {WEIGHTS: ArrayRecord(model.state_dict())}
+    )
+    out = reply.content.array_records[WEIGHTS].to_torch_state_dict()
+    assert set(out) == set(model.state_dict())
+    assert KNOWLEDGE not in reply.content.array_records
+
+
+def test_heterogeneous_students(plain_cfg):
+    cfg = plain_cfg("model=hetero")
+    assert [student_name(cfg, i) for i in range(4)] == ["cnn_small", "mlp", "resnet8", "cnn_small"]
+    app = build_client_app(cfg)
+    for pid in range(3):
+        reply = call(app, cfg, pid, plan(cfg, count=40))
+        assert reply.content.array_records[KNOWLEDGE][LOGITS].numpy().shape == (40, 10)
+
+
+def test_query_reports_the_partition(plain_cfg):
+    cfg = plain_cfg()
+    app = build_client_app(cfg)
+    msg = Message(RecordDict(), dst_node_id=12, message_type=QUERY)
+    reply = app(msg, context(2))
+    assert reply.content.metric_records[METRICS]["partition-id"] == 2

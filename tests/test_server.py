@@ -1,0 +1,74 @@
+"""The ServerApp's set-up: waiting for nodes, the partition handshake, GPU sharing."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import Error, Message, MetricRecord, RecordDict
+
+from fedkd import resources
+from fedkd.protocol import METRICS
+from fedkd.server import FederationError, discover_partitions, wait_for_nodes
+
+
+class FakeGrid:
+    """Nodes appear one per get_node_ids() call; queries answer with partition ids."""
+
+    def __init__(
+        self, partitions: dict[int, int], appear_per_call: int = 1, broken: set[int] = frozenset()
+    ):
+        self.partitions = partitions
+        self.visible = 0
+        self.step = appear_per_call
+        self.broken = broken
+
+    def get_node_ids(self):
+        self.visible = min(len(self.partitions), self.visible + self.step)
+        return list(self.partitions)[: self.visible]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node in self.broken:
+                replies.append(Message(Error(code=0, reason="boom"), reply_to=msg))
+                continue
+            content = RecordDict({METRICS: MetricRecord({"partition-id": self.partitions[node]})})
+            reply = Message(content, reply_to=msg)
+            replies.append(reply)
+        return replies
+
+
+def test_round_one_waits_until_every_node_registered():
+    grid = FakeGrid({11: 0, 12: 1, 13: 2})
+    assert wait_for_nodes(grid, 3, timeout=10) == [11, 12, 13]
+    assert grid.visible == 3
+
+
+def test_missing_nodes_time_out_with_a_clear_error():
+    grid = FakeGrid({11: 0}, appear_per_call=1)
+    with pytest.raises(FederationError, match="only 1 of num_clients=3 nodes registered"):
+        wait_for_nodes(grid, 3, timeout=0.3)
+
+
+def test_handshake_maps_nodes_to_partitions():
+    grid = FakeGrid({11: 2, 12: 0, 13: 1})
+    assert discover_partitions(grid, [11, 12, 13], 3, timeout=5) == {11: 2, 12: 0, 13: 1}
+
+
+def test_handshake_tolerates_a_silent_node_and_refuses_duplicates(caplog):
+    grid = FakeGrid({11: 0, 12: 1, 13: 2}, broken={12})
+    assert discover_partitions(grid, [11, 12, 13], 3, timeout=5) == {11: 0, 13: 2}
+    assert "did not answer" in caplog.text
+    with pytest.raises(FederationError, match="two nodes claim partition 0"):
+        discover_partitions(FakeGrid({11: 0, 12: 0}), [11, 12], 2, timeout=5)
+
+
+def test_num_gpus_auto(monkeypatch):
+    monkeypatch.setattr(resources, "visible_gpus", lambda: 0)
+    assert resources.resolve_num_gpus("auto", 1) == 0.0
+    assert resources.client_device(0.0) == "cpu"
+    monkeypatch.setattr(resources, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(resources.os, "cpu_count", lambda: 16)
+    assert resources.resolve_num_gpus("auto", 1) == pytest.approx(2 / 16)  # 8 clients per GPU
+    assert resources.resolve_num_gpus("auto", 8) == pytest.approx(1.0)  # 2 slots, 2 GPUs
+    assert resources.resolve_num_gpus(0.25, 1) == 0.25

@@ -1,0 +1,228 @@
+"""Server-side tests: feed `aggregate_train` crafted replies, good and bad."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+
+from fedkd.data.federated import federated_data
+from fedkd.distill import entropy_reduction_average, mean_logits, tempered_softmax
+from fedkd.protocol import KNOWLEDGE, LOGITS, METRICS, SOFT_LABELS, TEACHER, WEIGHTS
+from strategies import ServerContext, build_strategy, sample_partitions
+from strategies.fedavg import average_weights
+
+
+def make_strategy(plain_cfg, tmp_path, *overrides):
+    cfg = plain_cfg(*overrides)
+    strategy = build_strategy(cfg)
+    strategy.setup(ServerContext(cfg=cfg, data=federated_data(cfg), device="cpu", out_dir=tmp_path))
+    strategy.connect({100 + pid: pid for pid in range(cfg["num_clients"])})
+    return strategy
+
+
+def instructions(strategy, rnd=1):
+    return list(strategy.configure_train(rnd, ArrayRecord(), None, grid=None))
+
+
+def logits_reply(msg, logits, n=50, dtype=np.float16, metrics=None):
+    content = RecordDict(
+        {
+            METRICS: MetricRecord(
+                metrics if metrics is not None else {"num-examples": n, "test-accuracy": 0.5}
+            ),
+            KNOWLEDGE: ArrayRecord({LOGITS: Array(np.asarray(logits, dtype=dtype))}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def rand_logits(strategy, seed):
+    n, c = len(strategy.round_proxy_x), strategy.data.num_classes
+    return np.random.default_rng(seed).normal(0, 2, (n, c)).astype(np.float16)
+
+
+def test_sampling_is_a_pure_sorted_function_of_seed_and_round():
+    a = sample_partitions(0, 5, list(range(100)), 10)
+    assert a == sample_partitions(0, 5, list(reversed(range(100))), 10)
+    assert a == sorted(a) and len(set(a)) == 10
+    assert a != sample_partitions(0, 6, list(range(100)), 10)
+    assert sample_partitions(0, 1, [3, 1, 2], 5) == [1, 2, 3]
+
+
+def test_fedmd_aggregates_mean_logits_and_trains_the_teacher(plain_cfg, tmp_path):
+    s = make_strategy(plain_cfg, tmp_path, "strategy=fedmd")
+    msgs = instructions(s)
+    assert (
+        len(msgs) == 3 and TEACHER not in msgs[0].content.array_records
+    )  # round 1: no teacher yet
+    logits = [rand_logits(s, i) for i in range(3)]
+    before = {k: v.clone() for k, v in s.teacher.state_dict().items()}
+    target, metrics = s.aggregate_train(
+        1, [logits_reply(m, z) for m, z in zip(msgs, logits, strict=True)]
+    )
+    expected = tempered_softmax(
+        mean_logits(torch.tensor(np.stack(logits), dtype=torch.float32)), s.temperature
+    )
+    assert torch.allclose(torch.from_numpy(target[SOFT_LABELS].numpy()), expected, atol=1e-6)
+    assert metrics["replies"] == 3 and metrics["rejected"] == 0 and metrics["failed"] == 0
+    assert metrics["bytes_up"] == sum(ArrayRecord({LOGITS: Array(z)}).count_bytes() for z in logits)
+    assert any(not torch.equal(before[k], v) for k, v in s.teacher.state_dict().items())
+    # round 2 broadcasts the teacher's soft labels on the proxy subset, in float16
+    msgs2 = instructions(s, 2)
+    soft = msgs2[0].content.array_records[TEACHER][SOFT_LABELS].numpy()
+    assert soft.dtype == np.float16 and soft.shape == (len(s.round_proxy_x), s.data.num_classes)
+    assert np.allclose(soft.astype(np.float32).sum(1), 1, atol=1e-2)
+
+
+def test_dsfl_uses_entropy_reduction_averaging(plain_cfg, tmp_path):
+    s = make_strategy(plain_cfg, tmp_path, "strategy=dsfl")
+    msgs = instructions(s)
+    logits = [rand_logits(s, i) for i in range(3)]
+    target, _ = s.aggregate_train(
+        1, [logits_reply(m, z) for m, z in zip(msgs, logits, strict=True)]
+    )
+    probs = torch.softmax(torch.tensor(np.stack(logits), dtype=torch.float32), -1)
+    expected = entropy_reduction_average(probs, 0.1)
+    assert torch.allclose(torch.from_numpy(target[SOFT_LABELS].numpy()), expected, atol=1e-6)
+
+
+def test_reply_order_does_not_change_the_aggregate(plain_cfg, tmp_path):
+    results = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        s = make_strategy(plain_cfg, tmp_path, "strategy=fedmd")
+        msgs = instructions(s)
+        replies = [logits_reply(msgs[i], rand_logits(s, i)) for i in order]
+        target, _ = s.aggregate_train(1, replies)
+        results.append(
+            (target[SOFT_LABELS].numpy(), {k: v.clone() for k, v in s.teacher.state_dict().items()})
+        )
+    assert np.array_equal(results[0][0], results[1][0])
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        "nan",
+        "inf",
+        "shape",
+        "dtype",
+        "no_examples",
+        "zero_examples",
+        "no_knowledge",
+        "bad_accuracy",
+    ],
+)
+def test_bad_replies_are_rejected_and_counted(plain_cfg, tmp_path, corrupt, caplog):
+    s = make_strategy(plain_cfg, tmp_path, "strategy=dsfl")
+    msgs = instructions(s)
+    good = [logits_reply(m, rand_logits(s, i)) for i, m in enumerate(msgs[:2])]
+    z = rand_logits(s, 9)
+    if corrupt == "nan":
+        z[0, 0] = np.nan
+        bad = logits_reply(msgs[2], z)
+    elif corrupt == "inf":
+        z[3, 1] = np.inf
+        bad = logits_reply(msgs[2], z)
+    elif corrupt == "shape":
+        bad = logits_reply(msgs[2], z[:-1])
+    elif corrupt == "dtype":
+        bad = logits_reply(msgs[2], z, dtype=np.float32)
+    elif corrupt == "no_examples":
+        bad = logits_reply(msgs[2], z, metrics={"test-accuracy": 0.5})
+    elif corrupt == "zero_examples":
+        bad = logits_reply(msgs[2], z, metrics={"num-examples": 0})
+    elif corrupt == "bad_accuracy":
+        bad = logits_reply(msgs[2], z, metrics={"num-examples": 5, "test-accuracy": 7.0})
+    else:
+        bad = Message(RecordDict({METRICS: MetricRecord({"num-examples": 5})}), reply_to=msgs[2])
+    target, metrics = s.aggregate_train(1, [*good, bad])
+    assert metrics["rejected"] == 1 and metrics["replies"] == 2
+    assert "rejected reply" in caplog.text
+    # the aggregate is exactly that of the two valid replies
+    probs = torch.softmax(
+        torch.stack(
+            [
+                torch.from_numpy(
+                    r.content.array_records[KNOWLEDGE][LOGITS].numpy().astype(np.float32)
+                )
+                for r in good
+            ]
+        ),
+        -1,
+    )
+    assert torch.allclose(
+        torch.from_numpy(target[SOFT_LABELS].numpy()),
+        entropy_reduction_average(probs, 0.1),
+        atol=1e-6,
+    )
+
+
+def test_client_errors_unknown_nodes_and_duplicates(plain_cfg, tmp_path):
+    s = make_strategy(plain_cfg, tmp_path, "strategy=fedmd")
+    msgs = instructions(s)
+    error = Message(Error(code=0, reason="client crashed"), reply_to=msgs[0])
+    dup = [logits_reply(msgs[1], rand_logits(s, 1)), logits_reply(msgs[1], rand_logits(s, 2))]
+    stranger = logits_reply(msgs[2], rand_logits(s, 3))
+    stranger.metadata.__dict__["_src_node_id"] = 999
+    _, metrics = s.aggregate_train(1, [error, *dup, stranger])
+    assert metrics["failed"] == 1 and metrics["rejected"] == 2 and metrics["replies"] == 1
+
+
+def test_round_without_valid_replies_keeps_the_teacher(plain_cfg, tmp_path, caplog):
+    s = make_strategy(plain_cfg, tmp_path, "strategy=dsfl")
+    msgs = instructions(s)
+    before = {k: v.clone() for k, v in s.teacher.state_dict().items()}
+    z = rand_logits(s, 0)
+    z[0, 0] = np.nan
+    target, metrics = s.aggregate_train(1, [logits_reply(m, z) for m in msgs])
+    assert target is None and metrics["rejected"] == 3
+    assert all(torch.equal(before[k], v) for k, v in s.teacher.state_dict().items())
+    assert "no valid replies" in caplog.text
+
+
+def weights_reply(msg, state, n=10):
+    content = RecordDict({METRICS: MetricRecord({"num-examples": n}), WEIGHTS: ArrayRecord(state)})
+    return Message(content, reply_to=msg)
+
+
+def test_average_weights_is_weighted_and_keeps_int_buffers():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(4)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(8)}
+    avg = average_weights([a, b], [1, 3])
+    assert torch.allclose(avg["w"], torch.tensor([2.5, 5.0]))
+    assert avg["n"].dtype == torch.int64 and int(avg["n"]) == 7
+
+
+def test_fedavg_averages_weights_and_rejects_mismatched_ones(plain_cfg, tmp_path):
+    s = make_strategy(plain_cfg, tmp_path, "strategy=fedavg")
+    msgs = instructions(s)
+    assert WEIGHTS in msgs[0].content.array_records
+    base = {k: v.clone() for k, v in s.model.state_dict().items()}
+    states = [{k: v + i for k, v in base.items()} for i in (1, 2)]
+    wrong = {k: v for k, v in base.items()}
+    first = next(iter(wrong))
+    wrong[first] = torch.zeros(3)
+    replies = [
+        weights_reply(msgs[0], states[0], 10),
+        weights_reply(msgs[1], states[1], 30),
+        weights_reply(msgs[2], wrong, 10),
+    ]
+    _, metrics = s.aggregate_train(1, replies)
+    assert metrics["rejected"] == 1 and metrics["replies"] == 2
+    for k, v in s.model.state_dict().items():
+        assert torch.allclose(v, base[k] + 1.75), k
+
+
+def test_feddf_distills_the_average_toward_the_ensemble(plain_cfg, tmp_path):
+    s = make_strategy(plain_cfg, tmp_path, "strategy=feddf")
+    msgs = instructions(s)
+    base = {k: v.clone() for k, v in s.model.state_dict().items()}
+    states = [{k: v + 0.05 * torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
+    _, metrics = s.aggregate_train(
+        1, [weights_reply(m, st) for m, st in zip(msgs, states, strict=True)]
+    )
+    assert metrics["replies"] == 3
+    assert metrics["distill_val_loss"] <= metrics["distill_val_loss_start"]
