@@ -113,12 +113,14 @@ def run_simulator(overrides: list[str], run_dir: Path) -> dict[str, Any]:
         "sim_client_compute_seconds": steady(
             [r.get("client_compute_seconds") or 0.0 for r in rows]
         ),
+        "sim_server_seconds": steady([r.get("server_seconds") or 0.0 for r in rows]),
     }
 
 
 def run_bound(config_path: Path, work_dir: Path) -> dict[str, Any]:
     """The same rounds, sequential, in this process, torch on every core."""
-    import psutil
+    import resource
+
     import torch
     import yaml
 
@@ -147,10 +149,20 @@ def run_bound(config_path: Path, work_dir: Path) -> dict[str, Any]:
     return {
         "bound_round_seconds": steady(times),
         "bound_first_round_seconds": times[0],
-        "bound_peak_rss_mb": psutil.Process().memory_info().rss / 2**20,
+        "bound_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "bound_teacher_accuracy": accs,
         "bound_torch_threads": torch.get_num_threads(),
     }
+
+
+def parallel_efficiency(result: dict[str, Any]) -> float | None:
+    """How busy the simulator kept its client slots: the summed client compute of a
+    round over (slots x the round's client phase). 1.0 means no slot ever idled."""
+    slots = (os.cpu_count() or 1) // max(1, result["sim_torch_threads_per_client"])
+    client_phase = result["sim_round_seconds"] - result["sim_server_seconds"]
+    if client_phase <= 0 or not result["sim_client_compute_seconds"]:
+        return None
+    return result["sim_client_compute_seconds"] / (max(1, slots) * client_phase)
 
 
 def machine() -> dict[str, Any]:
@@ -199,6 +211,7 @@ def bench(name: str, overrides: list[str], out: str | None, bound: bool) -> dict
         if bound:
             result |= run_bound(run_dir / "config.yaml", Path(tmp) / "bound")
             result["overhead_ratio"] = result["sim_round_seconds"] / result["bound_round_seconds"]
+        result["parallel_efficiency"] = parallel_efficiency(result)
     result["machine"] = machine()
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +226,7 @@ ROWS = [
     ("sim_round_seconds", "sim round (s)", "{:.2f}"),
     ("bound_round_seconds", "bound round (s)", "{:.2f}"),
     ("overhead_ratio", "overhead ratio", "{:.3f}"),
+    ("parallel_efficiency", "slot busy", "{:.0%}"),
     ("startup_seconds", "start-up (s)", "{:.1f}"),
     ("peak_rss_mb", "peak RSS (MB)", "{:.0f}"),
     ("bytes_up_per_client_round", "up/client/round (B)", "{:.0f}"),

@@ -44,6 +44,7 @@ def test_dsfl_run_writes_every_output_and_is_deterministic(tmp_path):
     run = runs[0]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["strategy"] == "dsfl"
+    assert summary["ray_nodes"] == 1  # a local Ray instance: one node
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in a)
     assert summary["teacher_accuracy"] == a[-1]["teacher_accuracy"]
     resolved = yaml.safe_load((run / "config.yaml").read_text())
