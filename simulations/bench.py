@@ -99,16 +99,18 @@ def run_simulator(overrides: list[str], run_dir: Path) -> dict[str, Any]:
 
     rows = read_metrics(run_dir)
     rounds = [r["wall_seconds"] for r in rows]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    replies = sum(r.get("replies") or 0 for r in rows) or 1
+
+    def per_reply(key: str) -> float:  # round 1 of a soft-label run has no teacher to send
+        return steady([r[key] / r["replies"] if r.get("replies") else 0.0 for r in rows])
+
     return {
         "sim_round_seconds": steady(rounds),
         "sim_first_round_seconds": rounds[0],
         "sim_total_seconds": total,
         "startup_seconds": total - sum(rounds),
         "peak_rss_mb": rss.peak / 2**20,
-        "bytes_up_per_client_round": summary["bytes_up"] / replies,
-        "bytes_down_per_client_round": summary["bytes_down"] / replies,
+        "bytes_up_per_client_round": per_reply("bytes_up"),
+        "bytes_down_per_client_round": per_reply("bytes_down"),
         "sim_teacher_accuracy": [r["teacher_accuracy"] for r in rows],
         "sim_client_compute_seconds": steady(
             [r.get("client_compute_seconds") or 0.0 for r in rows]
@@ -261,13 +263,32 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 
 def summarize(folder: str, out: str | None) -> str:
+    """docs/benchmarks.md from a folder of result JSONs: the table, the machine, the
+    command of every workload."""
     from fedkd.errors import FedKDError
 
     files = sorted(Path(folder).glob("*.json"))
     if not files:
         raise FedKDError(f"{folder}: no benchmark results (*.json)")
     results = [json.loads(f.read_text()) for f in files]
-    text = markdown(results)
+    results.sort(key=lambda r: (r["clients_per_round"], r["num_clients"], r["name"]))
+    m = results[0]["machine"]
+    lines = [
+        "# fedkd benchmarks",
+        "",
+        f"Written by `{PROG} summarize {folder}` from one JSON per workload (`make bench`).",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs; Python {m['python']}, torch {m['torch']},",
+        f"flwr {m['flwr']}, ray {m['ray']}; {m['date']}. Times are steady-state rounds"
+        " (round 1 excluded); `overhead ratio` = simulator round / compute-bound round;"
+        " `slot busy` = summed client compute / (client slots x client phase of the round).",
+        "",
+        markdown(results),
+        "Workloads (`fedkd-bench --name NAME OVERRIDES`):",
+        "",
+        *[f"- `{r['name']}`: `{' '.join(r['overrides'])}`" for r in results],
+        "",
+    ]
+    text = "\n".join(lines)
     if out:
         Path(out).write_text(text)
     return text

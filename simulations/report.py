@@ -7,7 +7,13 @@ settings differ in anything but strategy, mitigation and seed are refused rather
 than tabulated together. Lifelong runs get the continual-learning columns and, with
 `--out`, figures: the mean accuracy matrix of each group and forgetting per method.
 
+`--vary KEY` allows one more setting to differ (e.g. `proxy.subset_size`); settings
+that differ between runs, apart from the seed, name each row (`dsfl codec=int8`).
+`--target-accuracy 0.8` adds the rounds and cumulative bytes (up + down) each run
+needed before its server model first reached 80% test accuracy.
+
     fedkd-report multirun/2026-11-23/11-20-00 --out docs/results/default
+    fedkd-report multirun/codecs --target-accuracy 0.8 --vary proxy.subset_size
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ PROG = "fedkd-report"
 # Keys that may differ between runs of one table: what is being compared, and
 # where each run happened to write its files.
 VARYING = ("strategy", "seed", "lifelong.mitigation", "simulation.client_state_dir")
+# Of those, what never names a row: the seed, and what follows from the strategy name.
+NOT_LABELS = ("seed", "simulation.client_state_dir", "strategy.name", "strategy._target_")
 
 COLUMNS: list[tuple[str, str, str]] = [  # (summary key, header, format)
     ("teacher_accuracy", "teacher acc. (%)", "pct"),
@@ -64,13 +72,16 @@ class Run:
     path: Path
     summary: dict[str, Any]
     config: dict[str, Any]
+    label_keys: tuple[str, ...] = ()  # compared settings that name the row
 
     @property
     def group(self) -> str:
         mitigation = self.summary.get("mitigation") or "none"
-        lifelong = (self.summary.get("num_tasks") or 1) > 1
         name = str(self.summary.get("strategy"))
-        return f"{name} + {mitigation}" if lifelong else name
+        name = f"{name} + {mitigation}" if self.lifelong else name
+        flat = _flatten(self.config)
+        extras = [f"{k.split('.')[-1]}={flat[k]}" for k in self.label_keys if k in flat]
+        return " ".join([name, *extras])
 
     @property
     def lifelong(self) -> bool:
@@ -114,16 +125,17 @@ def find_runs(paths: list[str]) -> list[Run]:
     return runs
 
 
-def check_same_setting(runs: list[Run]) -> None:
-    """Every run must share every setting except those in VARYING."""
+def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == x or key.startswith(x + ".") for x in prefixes)
+
+
+def check_same_setting(runs: list[Run], vary: tuple[str, ...] = ()) -> None:
+    """Every run must share every setting except those in VARYING and `vary`; the
+    compared settings that do differ (but the seed) become part of each row's name."""
+    allowed = VARYING + vary
 
     def setting(run: Run) -> dict[str, Any]:
-        flat = _flatten(run.config)
-        return {
-            k: v
-            for k, v in flat.items()
-            if not any(k == x or k.startswith(x + ".") for x in VARYING)
-        }
+        return {k: v for k, v in _flatten(run.config).items() if not _matches(k, allowed)}
 
     ref = setting(runs[0])
     for run in runs[1:]:
@@ -132,8 +144,36 @@ def check_same_setting(runs: list[Run]) -> None:
             if ref.get(key) != other.get(key):
                 raise ReportError(
                     f"runs of different settings are mixed: {key} is {ref.get(key)!r} in "
-                    f"{runs[0].path} but {other.get(key)!r} in {run.path}"
+                    f"{runs[0].path} but {other.get(key)!r} in {run.path} "
+                    f"(compare it on purpose with --vary {key})"
                 )
+    flats = [_flatten(r.config) for r in runs]
+    keys = sorted({k for f in flats for k in f if _matches(k, allowed)})
+    labels = tuple(
+        k
+        for k in keys
+        if not _matches(k, NOT_LABELS) and len({json.dumps(f.get(k)) for f in flats}) > 1
+    )
+    for run in runs:
+        run.label_keys = labels
+
+
+def reach_target(run: Run, target: float) -> None:
+    """Rounds and cumulative bytes until the server model first reaches `target`."""
+    path = run.path / "metrics.jsonl"
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path}: unreadable per-round metrics ({exc})") from None
+    total = 0
+    for row in rows:
+        total += (row.get("bytes_up") or 0) + (row.get("bytes_down") or 0)
+        acc = row.get("teacher_accuracy")
+        if acc is not None and acc >= target:
+            run.summary["rounds_to_target"] = float(row["round"])
+            run.summary["bytes_to_target"] = float(total)
+            return
+    run.summary["rounds_to_target"] = run.summary["bytes_to_target"] = None
 
 
 def _stats(values: list[float | None]) -> tuple[float, float, int] | None:
@@ -149,8 +189,8 @@ def _fmt(stat: tuple[float, float, int] | None, kind: str) -> str:
     if stat is None:
         return "-"
     mean, std, n = stat
-    scale = {"pct": 100.0, "mb": 1e-6, "s": 1.0}[kind]
-    digits = {"pct": 1, "mb": 3, "s": 0}[kind]
+    scale = {"pct": 100.0, "mb": 1e-6, "s": 1.0, "n": 1.0}[kind]
+    digits = {"pct": 1, "mb": 3, "s": 0, "n": 1}[kind]
     text = f"{mean * scale:.{digits}f}"
     return text + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
 
@@ -162,10 +202,18 @@ def grouped(runs: list[Run]) -> dict[str, list[Run]]:
     return dict(sorted(groups.items()))
 
 
-def table(runs: list[Run]) -> tuple[str, str]:
+def table(runs: list[Run], target: float | None = None) -> tuple[str, str]:
     """Markdown and CSV of the runs, one row per group, mean ± std over seeds."""
     columns = LIFELONG_COLUMNS if any(r.lifelong for r in runs) else COLUMNS
     label = "strategy + mitigation" if columns is LIFELONG_COLUMNS else "strategy"
+    if target is not None:
+        pct = f"{target * 100:g}%"
+        columns = [
+            *columns[:-1],
+            ("rounds_to_target", f"rounds to {pct}", "n"),
+            ("bytes_to_target", f"MB to {pct}", "mb"),
+            columns[-1],
+        ]
     header = [label, "seeds", *[h for _, h, _ in columns]]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     buf = io.StringIO()
@@ -214,10 +262,20 @@ def figures(runs: list[Run], out_dir: Path) -> list[Path]:
     return written
 
 
-def report(paths: list[str], out: str | None) -> str:
+def report(
+    paths: list[str],
+    out: str | None,
+    vary: tuple[str, ...] = (),
+    target: float | None = None,
+) -> str:
     runs = find_runs(paths)
-    check_same_setting(runs)
-    markdown, csv_text = table(runs)
+    check_same_setting(runs, vary)
+    if target is not None:
+        if not 0.0 < target <= 1.0:
+            raise ReportError(f"--target-accuracy must lie in (0, 1], got {target}")
+        for run in runs:
+            reach_target(run, target)
+    markdown, csv_text = table(runs, target)
     if out:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,10 +289,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="run directories or folders containing them")
     parser.add_argument("--out", help="also write table.md and table.csv here")
+    parser.add_argument(
+        "--vary", action="append", default=[], metavar="KEY", help="a setting runs may differ in"
+    )
+    parser.add_argument(
+        "--target-accuracy", type=float, metavar="X", help="rounds and bytes to reach X (0-1)"
+    )
     args = parser.parse_args(argv)
 
     def go() -> None:
-        print(report(args.dirs, args.out), end="")
+        print(report(args.dirs, args.out, tuple(args.vary), args.target_accuracy), end="")
 
     run_cli(PROG, go)
 

@@ -70,3 +70,32 @@ def test_no_runs_is_an_error_on_the_command_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("fedkd-report: error: no finished runs")
     assert "Traceback" not in proc.stderr
+
+
+def write_rounds(run: Path, accs: list[float], bytes_per_round: int) -> None:
+    rows = [
+        {"round": i + 1, "teacher_accuracy": a, "bytes_up": bytes_per_round, "bytes_down": 0}
+        for i, a in enumerate(accs)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_vary_names_rows_and_target_counts_rounds_and_bytes(tmp_path):
+    a = make_run(tmp_path, "a", "dsfl", 0, 0.8, proxy={"subset_size": 1000})
+    a_cfg = yaml.safe_load((a / "config.yaml").read_text())
+    a_cfg["strategy"]["codec"] = "int8"
+    (a / "config.yaml").write_text(yaml.safe_dump(a_cfg))
+    b = make_run(tmp_path, "b", "fedavg", 0, 0.9, proxy={"subset_size": None})
+    write_rounds(a, [0.5, 0.7, 0.81], 1_000_000)
+    write_rounds(b, [0.6, 0.79], 8_000_000)
+    with pytest.raises(ReportError, match=r"--vary proxy\.subset_size"):
+        report([str(tmp_path)], None)
+    md = report([str(tmp_path)], None, vary=("proxy.subset_size",), target=0.8)
+    lines = md.splitlines()
+    assert "rounds to 80%" in lines[0] and "MB to 80%" in lines[0]
+    dsfl = next(line for line in lines if line.startswith("| dsfl"))
+    assert dsfl.startswith("| dsfl subset_size=1000 codec=int8 |")
+    assert "| 3.0 | 3.000 |" in dsfl  # reached 0.81 in round 3 after 3 x 1 MB
+    fedavg = next(line for line in lines if line.startswith("| fedavg"))
+    assert fedavg.startswith("| fedavg subset_size=None |")  # fedavg has no codec
+    assert "| - | - |" in fedavg  # never reached 80%
