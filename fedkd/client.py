@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedkd import faults
 from fedkd.client_store import ClientStore
 from fedkd.comm.codecs import check, decode, encode
 from fedkd.data.federated import FederatedData, federated_data
@@ -136,7 +137,7 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
     plan = RoundPlan.from_record(download.config_records[CONFIG])
     arrays = download.array_records
 
-    state = runtime.store.load(pid) or {}
+    state = runtime.store.load(pid, before_round=plan.round) or {}
     student = new_student(cfg, data, pid)
     metrics: dict = {}
     if "model" in state:
@@ -231,7 +232,7 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
     elif plan.reply == REPLY_WEIGHTS:
         content[WEIGHTS] = ArrayRecord(student.cpu().state_dict())
     state["model"] = student.cpu().state_dict()
-    runtime.store.save(pid, state)
+    runtime.store.save(pid, state, plan.round)
     content[METRICS]["compute-seconds"] = time.perf_counter() - started
     content[INFO] = ConfigRecord(worker_info())
     return content
@@ -248,7 +249,21 @@ def worker_info() -> dict[str, str]:
 
 
 def handle_train(cfg: dict, message: Message, context: Context) -> Message:
-    content = client_reply(cfg, partition_id_of(context), message.content)
+    pid = partition_id_of(context)
+    plan = RoundPlan.from_record(message.content.config_records[CONFIG])
+    faults.before_round(cfg, plan.round, pid)  # an injected crash or stall, if any
+    content = client_reply(cfg, pid, message.content)
+    shape = (plan.proxy_count, client_runtime(cfg).data.num_classes)
+    logits = plan.reply == REPLY_LOGITS
+    faults.after_round(
+        cfg,
+        plan.round,
+        pid,
+        content,
+        KNOWLEDGE if logits else WEIGHTS,
+        decode_logits=(lambda r: decode(r, LOGITS, plan.codec, shape)) if logits else None,
+        encode_logits=lambda v: encode(v, plan.codec, LOGITS, kind="logits"),
+    )
     return Message(content, reply_to=message)
 
 

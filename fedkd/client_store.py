@@ -3,6 +3,11 @@ Context (which is serialized on every call).
 
 In simulation the store lives in the run directory; on a device it is a local folder.
 Writes are atomic: a killed process leaves the previous state, never half a file.
+
+Each state is saved with the round that produced it, and the store keeps the one
+before it too: a run resumed from the checkpoint of round r replays round r + 1, and
+a client that had already saved its round-(r + 1) state before the kill must start
+that round again from the state it had before.
 """
 
 from __future__ import annotations
@@ -14,32 +19,49 @@ from typing import Any
 
 import torch
 
+ROUND = "_round"  # the round a saved state comes from
+
 
 class ClientStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def path(self, partition_id: int) -> Path:
-        return self.root / f"client_{partition_id:06d}.pt"
+    def path(self, partition_id: int, previous: bool = False) -> Path:
+        return self.root / f"client_{partition_id:06d}{'.prev' if previous else ''}.pt"
 
-    def load(self, partition_id: int) -> dict[str, Any] | None:
-        path = self.path(partition_id)
+    def _read(self, path: Path) -> dict[str, Any] | None:
         if not path.exists():
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
+
+    def load(self, partition_id: int, before_round: int | None = None) -> dict[str, Any] | None:
+        """The client's latest state, or, with `before_round`, the latest one saved by
+        an earlier round."""
+        for previous in (False, True):
+            state = self._read(self.path(partition_id, previous))
+            if state is None:
+                continue
+            if before_round is None or state.get(ROUND, 0) < before_round:
+                return state
+        return None
 
     def clear(self) -> None:
         """Forget every client's state (a new run starts from scratch)."""
         for path in self.root.glob("client_*.pt"):
             path.unlink()
 
-    def save(self, partition_id: int, state: dict[str, Any]) -> None:
+    def save(self, partition_id: int, state: dict[str, Any], rnd: int = 0) -> None:
+        """Save the state `rnd` produced; an older round's state becomes the previous."""
         self.root.mkdir(parents=True, exist_ok=True)
+        latest = self.path(partition_id)
+        current = self._read(latest)
+        if current is not None and current.get(ROUND, 0) < rnd:
+            os.replace(latest, self.path(partition_id, previous=True))
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".pt")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-            os.replace(tmp, self.path(partition_id))
+                torch.save({**state, ROUND: rnd}, f)
+            os.replace(tmp, latest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -128,6 +128,20 @@ class SimulationConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Injected client faults (fedkd/faults.py); probabilities per client and round."""
+
+    client_crash_prob: float = 0.0
+    straggler_prob: float = 0.0
+    straggler_delay: float = 30.0  # seconds a straggler sleeps before replying
+    corrupt_prob: float = 0.0
+    corrupt_mode: str = "nan"  # nan | garbage
+    adversarial_fraction: float = 0.0  # share of partitions sending hostile logits
+    adversarial_mode: str = "flipped"  # flipped | uniform | extreme
+    min_replies: int = 1  # fewer valid replies than this: the round is skipped
+
+
+@dataclass
 class OutputConfig:
     plots: bool = True
     progress: bool = True
@@ -150,6 +164,7 @@ class FedKDConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lifelong: LifelongConfig = field(default_factory=LifelongConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -283,7 +298,42 @@ def validate(cfg: DictConfig) -> None:
         "null (wait for every reply) or a number of seconds > 0",
     )
 
+    validate_faults(cfg)
     validate_strategy(cfg)
+
+
+def validate_faults(cfg: DictConfig) -> None:
+    from fedkd.faults import ADVERSARIAL_MODES, CORRUPT_MODES
+
+    f = cfg.faults
+    for key in ("client_crash_prob", "straggler_prob", "corrupt_prob", "adversarial_fraction"):
+        _require(0 <= f[key] <= 1, f"faults.{key}", f[key], "a probability in [0, 1]")
+    total = f.client_crash_prob + f.straggler_prob + f.corrupt_prob
+    _require(
+        total <= 1,
+        "faults.corrupt_prob",
+        f.corrupt_prob,
+        f"at most 1 - client_crash_prob - straggler_prob (the three sum to {total:g})",
+    )
+    _require(f.straggler_delay >= 0, "faults.straggler_delay", f.straggler_delay, ">= 0 seconds")
+    _require(
+        f.corrupt_mode in CORRUPT_MODES,
+        "faults.corrupt_mode",
+        f.corrupt_mode,
+        _one_of(list(CORRUPT_MODES)),
+    )
+    _require(
+        f.adversarial_mode in ADVERSARIAL_MODES,
+        "faults.adversarial_mode",
+        f.adversarial_mode,
+        _one_of(list(ADVERSARIAL_MODES)),
+    )
+    _require(
+        1 <= f.min_replies <= cfg.clients_per_round,
+        "faults.min_replies",
+        f.min_replies,
+        f"an integer from 1 to clients_per_round ({cfg.clients_per_round})",
+    )
 
 
 def validate_lifelong(cfg: DictConfig) -> None:

@@ -74,6 +74,24 @@ def mean_logits(logits: torch.Tensor, weights: torch.Tensor | None = None) -> to
     return torch.einsum("k,knc->nc", w, logits)
 
 
+def coordinate_median(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise median over clients, (K, n, C) -> (n, C): any minority of
+    clients, however extreme, cannot move it past the honest values (Yin et al. 2018).
+    With an even K it is the mean of the two middle values."""
+    return values.quantile(0.5, dim=0)
+
+
+def trimmed_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Element-wise mean after dropping the `fraction` largest and smallest values of
+    each coordinate across clients (K, n, C) -> (n, C)."""
+    k = values.shape[0]
+    cut = int(fraction * k)
+    if not 0 <= fraction < 0.5 or k - 2 * cut < 1:
+        raise ValueError(f"trim fraction must be in [0, 0.5) and keep a client, got {fraction}")
+    ordered = values.sort(dim=0).values
+    return ordered[cut : k - cut].mean(dim=0)
+
+
 def mean_probs(probs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The (weighted) mean of probability vectors; stays a distribution."""
     return mean_logits(probs, weights)

@@ -103,6 +103,13 @@ class LifelongTracker:
             out.update({f"{p}{k}": v for k, v in m.items()})
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"R": [list(r) for r in self.R], "baseline": self.baseline}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.R = [list(r) for r in state["R"]]
+        self.baseline = None if state["baseline"] is None else list(state["baseline"])
+
     def final(self) -> dict[str, Any]:
         p = self.prefix
         out: dict[str, Any] = {f"{p}accuracy_matrix": _jsonable(self.R)}

@@ -155,7 +155,8 @@ def check_array(
     try:
         arr = record[key].numpy()
     except Exception as exc:  # malformed bytes from a client
-        raise InvalidReply(f"array {key!r} cannot be decoded: {exc}") from None
+        first = str(exc).split(". ")[0] or type(exc).__name__
+        raise InvalidReply(f"array {key!r} cannot be decoded: {first}") from None
     if arr.dtype != dtype:
         raise InvalidReply(f"array {key!r} has dtype {arr.dtype}, expected {dtype}")
     if tuple(arr.shape) != tuple(shape):

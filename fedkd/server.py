@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedkd.checkpoint import load_checkpoint
 from fedkd.data.federated import federated_data
 from fedkd.errors import FedKDError
 from fedkd.protocol import CONFIG, METRICS, QUERY
@@ -82,9 +83,13 @@ def discover_partitions(
     return partitions
 
 
-def run_server(grid: Grid, cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
-    """Run a whole experiment on `grid`; returns the summary (also in summary.json)."""
+def run_server(
+    grid: Grid, cfg: dict[str, Any], out_dir: str | Path, resume: bool = False
+) -> dict[str, Any]:
+    """Run a whole experiment on `grid` (with `resume`, from the run directory's
+    checkpoint on); returns the summary (also in summary.json)."""
     out = Path(out_dir)
+    ckpt = load_checkpoint(out, cfg) if resume else None
     strategy = build_strategy(cfg)
     device = "cuda" if visible_gpus() > 0 else "cpu"
     strategy.setup(ServerContext(cfg=cfg, data=federated_data(cfg), device=device, out_dir=out))
@@ -116,17 +121,29 @@ def run_server(grid: Grid, cfg: dict[str, Any], out_dir: str | Path) -> dict[str
             title += f", {cfg['lifelong']['name']} ({strategy.data.num_tasks} tasks, "
             title += f"mitigation {cfg['lifelong']['mitigation']})"
         progress = RoundProgress(int(cfg["rounds"]), title)
-    recorder = RunRecorder(out, meta, progress=progress, plots=bool(cfg["output"]["plots"]))
+    if ckpt is not None:
+        strategy.restore(ckpt)
+        log.info("resuming %s after round %d", out, ckpt["round"])
+    recorder = RunRecorder(
+        out,
+        meta,
+        progress=progress,
+        plots=bool(cfg["output"]["plots"]),
+        resume_round=strategy.last_round,
+    )
+    if progress is not None:
+        for row in recorder.rows:
+            progress.round(row)
     lifelong = strategy.run(grid, recorder)
     return recorder.finish(lifelong)
 
 
-def build_server_app(cfg: dict[str, Any], out_dir: str | Path) -> ServerApp:
+def build_server_app(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False) -> ServerApp:
     """A ServerApp bound to a resolved config and an output directory (simulation)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, out_dir)
+        run_server(grid, cfg, out_dir, resume)
 
     return app

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedkd.checkpoint import load_checkpoint
 from fedkd.client_store import ClientStore
 from fedkd.config import to_plain, validate
 from fedkd.data.federated import federated_data
@@ -28,7 +29,8 @@ log = logging.getLogger("fedkd")
 class _DropFlowerNoise(logging.Filter):
     """Hide the messages every fedkd run would print and nobody can act on."""
 
-    NOISE = ("run_simulation` function is deprecated", "DEPRECATED FEATURE")
+    # (the last: the traceback Flower logs for each crash that `faults` injects on purpose)
+    NOISE = ("run_simulation` function is deprecated", "DEPRECATED FEATURE", "injected crash")
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
@@ -52,8 +54,9 @@ def quiet_runtime_logs(verbose: bool) -> None:
             handler.addFilter(_DropFlowerNoise())
 
 
-def prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Validate, resolve run-time values and load the data; returns the plain config."""
+def prepare(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Validate, resolve run-time values and load the data; returns the plain config.
+    A new run starts with an empty client store; a resumed one keeps it."""
     validate(cfg)
     plain = to_plain(cfg)
     sim = plain["simulation"]
@@ -63,7 +66,10 @@ def prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     )
     data = federated_data(plain)  # fails here, before any process starts, if data is wrong
     log.info("data: %s", json.dumps(data.describe()))
-    ClientStore(sim["client_state_dir"]).clear()  # a new run: no student from an earlier one
+    if resume:
+        load_checkpoint(out_dir, plain)  # a bad checkpoint fails here, before Ray starts
+    else:
+        ClientStore(sim["client_state_dir"]).clear()  # no student from an earlier run
     return plain
 
 
@@ -82,8 +88,9 @@ def backend_config(plain: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run the configured experiment; results go to `out_dir`. Returns the summary."""
+def run_experiment(cfg: DictConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run the configured experiment; results go to `out_dir`. Returns the summary.
+    With `resume`, continue the run in `out_dir` from its checkpoint."""
     quiet_runtime_logs(bool(cfg.simulation.verbose))  # before Flower's imports log anything
     from flwr.simulation import run_simulation
 
@@ -92,8 +99,9 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    plain = prepare(cfg, out)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
+    plain = prepare(cfg, out, resume)
+    if not resume:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
     verbose = bool(plain["simulation"]["verbose"])
     from fedkd import flower_patches
 
@@ -101,7 +109,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     # Keep Ray's current behaviour and drop its FutureWarning about changing it.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
-        server_app=build_server_app(plain, out),
+        server_app=build_server_app(plain, out, resume),
         client_app=build_client_app(plain),
         num_supernodes=int(plain["num_clients"]),
         backend_config=backend_config(plain),

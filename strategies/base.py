@@ -16,8 +16,6 @@ The lifelong mitigation (`lifelong.mitigation`) plugs into the same hooks.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 from torch import nn
 
+from fedkd.checkpoint import config_digest, save_checkpoint
 from fedkd.comm.codecs import payload_bytes
 from fedkd.data.federated import FederatedData
 from fedkd.errors import ConfigError
@@ -62,6 +61,16 @@ def sample_partitions(seed: int, rnd: int, population: list[int], k: int) -> lis
         return pool
     chosen = numpy_rng(seed, rnd, "client-sampling").choice(len(pool), size=k, replace=False)
     return sorted(pool[i] for i in chosen)
+
+
+def error_summary(reason: str) -> str:
+    """The line of a client's error report that says what went wrong (Ray wraps the
+    exception's message in a traceback)."""
+    lines = [ln.strip() for ln in str(reason).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Message:" in ln:
+            return ln.split("Message:", 1)[1].strip().rstrip("'>").strip()[:300]
+    return (lines[-1] if lines else "no reason given")[:300]
 
 
 @dataclass
@@ -104,6 +113,7 @@ class FederatedStrategy(Strategy):
         self._round_x: tuple[int, torch.Tensor] | None = None
         self._student_baselines: list[list[float]] = []  # students' b_j, as clients report it
         self.ray_nodes: set[str] = set()  # Ray nodes the clients ran on (simulation)
+        self.last_round = 0  # the last finished round (a restored checkpoint's, on resume)
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -133,6 +143,8 @@ class FederatedStrategy(Strategy):
         self.data = ctx.data
         self.device = ctx.device
         self.stream = ctx.data.stream
+        T = ctx.data.num_tasks
+        self.trackers = (LifelongTracker(T), LifelongTracker(T, "student_"))
 
     def connect(self, partitions: dict[int, int]) -> None:
         """Register the node id -> partition id map found by the handshake."""
@@ -289,10 +301,18 @@ class FederatedStrategy(Strategy):
         """Aggregate the valid replies (in partition order) and summarise the round."""
         valid = sorted(valid, key=lambda r: r.partition_id)
         aggregated, extra = None, {}
-        if valid or not self.uses_clients:
-            aggregated, extra = self.aggregate(rnd, valid)
+        need = int(self.cfg["faults"]["min_replies"])
+        skipped = self.uses_clients and len(valid) < need
+        if skipped:
+            log.warning(
+                "round %d: %d valid replies, fewer than faults.min_replies=%d; "
+                "round skipped, the server state is unchanged",
+                rnd,
+                len(valid),
+                need,
+            )
         else:
-            log.warning("round %d: no valid replies; the server state is unchanged", rnd)
+            aggregated, extra = self.aggregate(rnd, valid)
 
         def values(key: str) -> list[float]:
             return [float(r.metrics[key]) for r in valid if key in r.metrics]
@@ -308,6 +328,7 @@ class FederatedStrategy(Strategy):
             "rejected": rejected,
             "failed": failed,
             "late": late,
+            "skipped": int(skipped),
             "bytes_up": bytes_up,
             "bytes_down": self.ledger.bytes_down,
             "client_accuracy_mean": float(np.mean(accs)) if accs else None,
@@ -358,7 +379,7 @@ class FederatedStrategy(Strategy):
                     "round %d: client error from node %s: %s",
                     server_round,
                     node,
-                    msg.error.reason[:300],
+                    error_summary(msg.error.reason),
                 )
                 continue
             bytes_up += sum(payload_bytes(r) for r in msg.content.array_records.values())
@@ -393,16 +414,15 @@ class FederatedStrategy(Strategy):
         log.info("strategy %s (%s)", self.name, type(self).__name__)
 
     # ----------------------------------------------------------------- the loop
-    def run(self, grid: Grid, recorder: Any, first_round: int = 1) -> dict[str, Any]:
-        """Run the rounds; returns the lifelong summary (accuracy matrices, metrics)."""
+    def run(self, grid: Grid, recorder: Any) -> dict[str, Any]:
+        """Run the rounds after `self.last_round` (0, or a restored checkpoint's);
+        returns the lifelong summary (accuracy matrices, metrics)."""
         rounds = int(self.cfg["rounds"])
         timeout = self.cfg["simulation"]["round_timeout"]
-        T = self.data.num_tasks
-        teacher, students = LifelongTracker(T), LifelongTracker(T, "student_")
-        self._student_baselines = []
-        if self.server_model is not None:
+        teacher, students = self.trackers
+        if self.last_round == 0 and self.server_model is not None:
             teacher.baseline = self.evaluate(0)["task_accuracy"]  # b_j: before any training
-        for rnd in range(first_round, rounds + 1):
+        for rnd in range(self.last_round + 1, rounds + 1):
             start = time.perf_counter()
             messages = list(self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
             sent = time.perf_counter()
@@ -418,31 +438,49 @@ class FederatedStrategy(Strategy):
             row.update({k: v for k, v in evaluation.items() if k != "task_accuracy"})
             row.update(teacher.round(task, evaluation.get("task_accuracy"), end))
             row.update(students.round(task, row.pop("student_task_accuracy", None), end))
-            if end and task < T - 1:
+            if end and task < self.data.num_tasks - 1:
                 self.mitigation.on_task_end(self, task)
             row["wall_seconds"] = time.perf_counter() - start
             row["clients_seconds"] = received - sent  # from the first send to the last reply
             row["server_seconds"] = row["wall_seconds"] - row["clients_seconds"]
             recorder.log_round(row)
+            self.last_round = rnd
             self.checkpoint(rnd)
         return {**teacher.final(), **students.final(), "ray_nodes": len(self.ray_nodes)}
 
-    def checkpoint(self, rnd: int) -> None:
-        """Write the server state atomically after each round."""
-        if not self.cfg["output"]["checkpoint"]:
-            return
-        state = {
+    # ----------------------------------------------------- checkpoint and resume
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict()` returned (the checkpoint's strategy state)."""
+
+    def checkpoint_state(self, rnd: int) -> dict[str, Any]:
+        """Everything the server needs to continue after round `rnd`."""
+        teacher, students = self.trackers
+        return {
             "round": rnd,
             "strategy": self.name,
+            "config_digest": config_digest(self.cfg),
             "state": self.state_dict(),
             "mitigation": self.mitigation.state_dict(),
+            "trackers": [t.state_dict() for t in (teacher, students)],
+            "student_baselines": self._student_baselines,
+            "ray_nodes": sorted(self.ray_nodes),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
         }
-        out = self.ctx.out_dir
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".checkpoint-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-            os.replace(tmp, out / "checkpoint.pt")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a checkpoint: the next round run() plays is ckpt["round"] + 1."""
+        self.load_state_dict(ckpt["state"])
+        self.mitigation.load_state_dict(ckpt["mitigation"], self)
+        for tracker, state in zip(self.trackers, ckpt["trackers"], strict=True):
+            tracker.load_state_dict(state)
+        self._student_baselines = [list(b) for b in ckpt["student_baselines"]]
+        self.ray_nodes = set(ckpt["ray_nodes"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        np.random.set_state(ckpt["numpy_rng"])
+        self.last_round = int(ckpt["round"])
+
+    def checkpoint(self, rnd: int) -> None:
+        """Write the server state atomically after each round."""
+        if self.cfg["output"]["checkpoint"]:
+            save_checkpoint(self.ctx.out_dir, self.checkpoint_state(rnd))

@@ -71,3 +71,6 @@ class Central(FederatedStrategy):
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])

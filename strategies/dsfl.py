@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fedkd.distill import entropy_reduction_average
+from fedkd.distill import tempered_softmax
 from fedkd.errors import ConfigError
 from strategies.soft_labels import SoftLabelStrategy
 
@@ -20,8 +20,10 @@ class DSFL(SoftLabelStrategy):
         era_temperature: float = 0.1,
         codec: str = "float16",
         weighted: bool = False,
+        aggregator: str = "mean",
+        trim_fraction: float = 0.2,
     ) -> None:
-        super().__init__(cfg, codec=codec, weighted=weighted)
+        super().__init__(cfg, codec, weighted, aggregator, trim_fraction)
         if era_temperature <= 0:
             raise ConfigError("strategy.era_temperature", era_temperature, "a number > 0")
         self.era_temperature = float(era_temperature)
@@ -29,6 +31,7 @@ class DSFL(SoftLabelStrategy):
     def aggregate_knowledge(
         self, logits: torch.Tensor, weights: torch.Tensor | None
     ) -> torch.Tensor:
-        return entropy_reduction_average(
-            torch.softmax(logits, dim=-1), self.era_temperature, weights
+        # ERA (entropy_reduction_average) with the configured aggregator for the mean
+        return tempered_softmax(
+            self.center(torch.softmax(logits, dim=-1), weights), self.era_temperature
         )

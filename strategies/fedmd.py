@@ -1,10 +1,11 @@
-"""FedMD (Li & Wang 2019): the consensus is the mean of the clients' logits."""
+"""FedMD (Li & Wang 2019): the consensus is the mean of the clients' logits
+(or, with `strategy.aggregator`, their coordinate-wise median or trimmed mean)."""
 
 from __future__ import annotations
 
 import torch
 
-from fedkd.distill import mean_logits, tempered_softmax
+from fedkd.distill import tempered_softmax
 from strategies.soft_labels import SoftLabelStrategy
 
 
@@ -12,4 +13,4 @@ class FedMD(SoftLabelStrategy):
     def aggregate_knowledge(
         self, logits: torch.Tensor, weights: torch.Tensor | None
     ) -> torch.Tensor:
-        return tempered_softmax(mean_logits(logits, weights), self.temperature)
+        return tempered_softmax(self.center(logits, weights), self.temperature)

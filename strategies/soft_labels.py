@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from fedkd.comm.codecs import CODECS, check, decode, encode
-from fedkd.distill import entropy
+from fedkd.distill import coordinate_median, entropy, mean_logits, trimmed_mean
 from fedkd.errors import ConfigError
 from fedkd.models import create_model
 from fedkd.protocol import (
@@ -31,16 +31,35 @@ from fedkd.protocol import (
 from fedkd.training import soft_labels
 from strategies.base import FederatedStrategy, ServerContext
 
+AGGREGATORS = ("mean", "median", "trimmed_mean")
+
 
 class SoftLabelStrategy(FederatedStrategy):
     reply_kind = REPLY_LOGITS
 
-    def __init__(self, cfg: dict, codec: str = "float16", weighted: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: dict,
+        codec: str = "float16",
+        weighted: bool = False,
+        aggregator: str = "mean",
+        trim_fraction: float = 0.2,
+    ) -> None:
         super().__init__(cfg)
         if codec not in CODECS:
             raise ConfigError("strategy.codec", codec, "one of " + ", ".join(CODECS))
+        if aggregator not in AGGREGATORS:
+            raise ConfigError("strategy.aggregator", aggregator, "one of " + ", ".join(AGGREGATORS))
+        if aggregator != "mean" and weighted:
+            raise ConfigError(
+                "strategy.weighted", weighted, f"false with aggregator={aggregator} (unweighted)"
+            )
+        if not 0 <= trim_fraction < 0.5:
+            raise ConfigError("strategy.trim_fraction", trim_fraction, "a number in [0, 0.5)")
         self.codec = codec
         self.weighted = weighted  # weight clients by num-examples when aggregating
+        self.aggregator = aggregator
+        self.trim_fraction = float(trim_fraction)
         self.temperature = float(cfg["distill"]["temperature"])
         self.teacher_ready = False
 
@@ -49,6 +68,15 @@ class SoftLabelStrategy(FederatedStrategy):
     ) -> torch.Tensor:
         """(K, n, C) client logits -> (n, C) target probabilities for the teacher."""
         raise NotImplementedError
+
+    def center(self, values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Combine (K, n, C) per-client values into (n, C) with `strategy.aggregator`:
+        the (weighted) mean, or a robust coordinate-wise median or trimmed mean."""
+        if self.aggregator == "median":
+            return coordinate_median(values)
+        if self.aggregator == "trimmed_mean":
+            return trimmed_mean(values, self.trim_fraction)
+        return mean_logits(values, weights)
 
     def setup(self, ctx: ServerContext) -> None:
         super().setup(ctx)
@@ -100,3 +128,8 @@ class SoftLabelStrategy(FederatedStrategy):
             "optimizer": self.optimizer.state_dict(),
             "teacher_ready": self.teacher_ready,
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.teacher_ready = bool(state["teacher_ready"])

@@ -178,9 +178,42 @@ def test_round_without_valid_replies_keeps_the_teacher(plain_cfg, tmp_path, capl
     z = rand_logits(s, 0)
     z[0, 0] = np.nan
     target, metrics = s.aggregate_train(1, [logits_reply(m, z) for m in msgs])
-    assert target is None and metrics["rejected"] == 3
+    assert target is None and metrics["rejected"] == 3 and metrics["skipped"] == 1
     assert all(torch.equal(before[k], v) for k, v in s.teacher.state_dict().items())
-    assert "no valid replies" in caplog.text
+    assert "0 valid replies, fewer than faults.min_replies=1; round skipped" in caplog.text
+
+
+def test_round_with_too_few_valid_replies_is_skipped(plain_cfg, tmp_path, caplog):
+    s = make_strategy(plain_cfg, tmp_path, "strategy=fedmd", "faults.min_replies=3")
+    msgs = instructions(s)
+    before = {k: v.clone() for k, v in s.teacher.state_dict().items()}
+    replies = [logits_reply(m, rand_logits(s, i)) for i, m in enumerate(msgs[:2])]
+    target, metrics = s.aggregate_train(1, replies)
+    assert target is None and metrics["skipped"] == 1 and metrics["replies"] == 2
+    assert metrics["late"] == 1  # the third sampled client never answered
+    assert all(torch.equal(before[k], v) for k, v in s.teacher.state_dict().items())
+    assert "fewer than faults.min_replies=3" in caplog.text
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean"])
+def test_robust_aggregators_limit_a_hostile_client(plain_cfg, tmp_path, aggregator):
+    """With 3 clients, one sending extreme logits drags the mean, not the median."""
+    from fedkd.faults import hostile_logits
+
+    targets = {}
+    for agg in ("mean", aggregator):
+        s = make_strategy(
+            plain_cfg, tmp_path, "strategy=fedmd", f"strategy.aggregator={agg}",
+            "strategy.trim_fraction=0.34",
+        )  # fmt: skip
+        instructions(s)  # starts round 1: the proxy subset exists
+        honest = rand_logits(s, 0)
+        z = [honest, honest + 0.01, hostile_logits(torch.tensor(honest), "extreme", 0).numpy()]
+        logits = torch.tensor(np.stack(z), dtype=torch.float32)
+        targets[agg] = s.aggregate_knowledge(logits, None)
+        clean = s.aggregate_knowledge(logits[:2], None)
+    assert (targets[aggregator] - clean).abs().max() < 0.05
+    assert (targets["mean"] - clean).abs().max() > 0.5
 
 
 def weights_reply(msg, state, n=10):

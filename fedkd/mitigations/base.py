@@ -97,6 +97,9 @@ class Mitigation:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
+    def load_state_dict(self, state: dict[str, Any], strategy: FederatedStrategy) -> None:
+        """Restore `state_dict()` on resume (the strategy is set up and restored)."""
+
     # ------------------------------------------------------------- client side
     def client_extras(self, ctx: ClientRound) -> ClientExtras:
         return ClientExtras(ctx.x, ctx.y)

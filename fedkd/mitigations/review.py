@@ -86,3 +86,10 @@ class Review(Mitigation):
     def state_dict(self) -> dict[str, Any]:
         snapshot = None if self.snapshot is None else self.snapshot.state_dict()
         return {"snapshot": snapshot, "tasks_done": self.tasks_done}
+
+    def load_state_dict(self, state: dict[str, Any], strategy) -> None:
+        self.tasks_done = int(state["tasks_done"])
+        self.snapshot = None
+        if state["snapshot"] is not None:
+            self.snapshot = copy.deepcopy(strategy.server_model).eval()
+            self.snapshot.load_state_dict(state["snapshot"])

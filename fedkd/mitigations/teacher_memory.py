@@ -58,3 +58,6 @@ class TeacherMemory(Mitigation):
 
     def state_dict(self) -> dict[str, Any]:
         return {"memory": [((s.task, s.seed, s.count), p) for s, p in self.memory]}
+
+    def load_state_dict(self, state: dict[str, Any], strategy) -> None:
+        self.memory = [(ProxySegment(*seg), probs) for seg, probs in state["memory"]]

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fedkd.errors import FedKDError
+
 REQUIRED_FIELDS = (
     "round",
     "teacher_accuracy",
@@ -40,6 +42,7 @@ _TOTALS = (
     "rejected",
     "failed",
     "late",
+    "skipped",
     "wall_seconds",
     "clients_seconds",
     "server_seconds",
@@ -57,36 +60,66 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a temporary file in place, then a rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl (a torn last line, from a kill, is dropped)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # the process died while appending this row
+            raise FedKDError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
 
 
 class RunRecorder:
     def __init__(
-        self, out_dir: str | Path, meta: dict[str, Any], progress: Any = None, plots: bool = True
+        self,
+        out_dir: str | Path,
+        meta: dict[str, Any],
+        progress: Any = None,
+        plots: bool = True,
+        resume_round: int = 0,
     ):
+        """A new metrics.jsonl, or, with `resume_round`, the existing one cut back to
+        the rows of rounds 1..resume_round (what the checkpoint knows)."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.meta = meta
         self.progress = progress
         self.plots = plots
-        self.rows: list[dict[str, Any]] = []
         self.path = self.out_dir / "metrics.jsonl"
-        self.path.write_text("")
-        self.elapsed = 0.0
+        self.rows: list[dict[str, Any]] = []
+        if resume_round:
+            self.rows = [r for r in read_metrics(self.out_dir) if r["round"] <= resume_round]
+            if [r["round"] for r in self.rows] != list(range(1, resume_round + 1)):
+                raise FedKDError(
+                    f"{self.path}: rounds 1..{resume_round} of the checkpoint are not all there"
+                )
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
+        write_text_atomic(self.path, text)
+        self.elapsed = self.rows[-1]["elapsed_seconds"] if self.rows else 0.0
 
     def log_round(self, row: dict[str, Any]) -> None:
         full = {k: None for k in REQUIRED_FIELDS} | {k: _clean(v) for k, v in row.items()}
