@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup data run test test-slow test-all lint bench clean
+.PHONY: setup data run test test-slow test-all lint bench bench-scale bench-bytes clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,20 +51,26 @@ lint: setup
 BENCH_DIR ?= docs/bench
 SCALE     := experiment=bench
 BYTES     := experiment=bench num_clients=100 clients_per_round=2 rounds=2 proxy.subset_size=null
-bench: setup
+bench: bench-scale bench-bytes
+	$(BIN)/fedkd-bench summarize $(BENCH_DIR) --out docs/benchmarks.md
+
+bench-scale: setup    ## the simulator against the compute bound, 10 to 10,000 clients
 	mkdir -p $(BENCH_DIR)
 	$(BIN)/fedkd-bench --name cpr10-n10 --out $(BENCH_DIR)/cpr10-n10.json $(SCALE) num_clients=10 clients_per_round=10
 	$(BIN)/fedkd-bench --name cpr100-n100 --out $(BENCH_DIR)/cpr100-n100.json $(SCALE) num_clients=100 clients_per_round=100
 	$(BIN)/fedkd-bench --name cpr100-n1000 --out $(BENCH_DIR)/cpr100-n1000.json $(SCALE) num_clients=1000 clients_per_round=100
 	$(BIN)/fedkd-bench --name cpr100-n10000 --out $(BENCH_DIR)/cpr100-n10000.json $(SCALE) num_clients=10000 clients_per_round=100
 	$(BIN)/fedkd-bench --name cpr1000-n1000 --out $(BENCH_DIR)/cpr1000-n1000.json $(SCALE) num_clients=1000 clients_per_round=1000 rounds=2
+
+bench-bytes: setup    ## bytes per client per round: each codec, and FedAvg with students of several sizes
+	mkdir -p $(BENCH_DIR)
 	for codec in float32 float16 int8 onebit; do \
 		$(BIN)/fedkd-bench --no-bound --name bytes-dsfl-$$codec-cnn_small --out $(BENCH_DIR)/bytes-dsfl-$$codec-cnn_small.json $(BYTES) strategy.codec=$$codec || exit 1; \
 	done
-	$(BIN)/fedkd-bench --no-bound --name bytes-dsfl-float16-resnet8 --out $(BENCH_DIR)/bytes-dsfl-float16-resnet8.json $(BYTES) model=resnet8
-	$(BIN)/fedkd-bench --no-bound --name bytes-fedavg-cnn_small --out $(BENCH_DIR)/bytes-fedavg-cnn_small.json $(BYTES) strategy=fedavg
-	$(BIN)/fedkd-bench --no-bound --name bytes-fedavg-resnet8 --out $(BENCH_DIR)/bytes-fedavg-resnet8.json $(BYTES) strategy=fedavg model=resnet8
-	$(BIN)/fedkd-bench summarize $(BENCH_DIR) --out docs/benchmarks.md
+	$(BIN)/fedkd-bench --no-bound --name bytes-dsfl-float16-resnet20 --out $(BENCH_DIR)/bytes-dsfl-float16-resnet20.json $(BYTES) model.student=resnet20
+	for student in cnn_small resnet8 resnet20 cnn; do \
+		$(BIN)/fedkd-bench --no-bound --name bytes-fedavg-$$student --out $(BENCH_DIR)/bytes-fedavg-$$student.json $(BYTES) strategy=fedavg model.student=$$student || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -27,6 +27,9 @@ from fedkd.comm.codecs import check, decode, encode
 from fedkd.data.federated import FederatedData, federated_data
 from fedkd.mitigations import ClientRound, build_mitigation
 from fedkd.models import create_model
+from fedkd.privacy import gaussian_epsilon
+from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
+from fedkd.privacy.upload import clip_upload_mod
 from fedkd.protocol import (
     CONFIG,
     INFO,
@@ -201,20 +204,27 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
             )
         )
         metrics.update(extras.info)
-        loss = train_student(
-            student,
-            extras.x,
-            extras.y,
-            hp,
-            gen,
-            proxy_x=proxy_x,
-            teacher_probs=teacher_probs,
-            device=runtime.device,
-            private_probs=extras.private_probs,
-            private_weight=extras.private_weight,
-        )
+        if cfg["privacy"]["mode"] == "sample":
+            loss = train_private(
+                cfg, student, extras.x, extras.y, hp, gen, state, proxy_x, teacher_probs, runtime
+            )
+        else:
+            loss = train_student(
+                student,
+                extras.x,
+                extras.y,
+                hp,
+                gen,
+                proxy_x=proxy_x,
+                teacher_probs=teacher_probs,
+                device=runtime.device,
+                private_probs=extras.private_probs,
+                private_weight=extras.private_weight,
+            )
         state["task"] = plan.task
 
+    if cfg["privacy"]["mode"] == "sample":
+        metrics["dp-epsilon"] = private_epsilon(cfg, state)
     task_acc = evaluate_tasks(student, data, runtime.device)
     metrics.update(
         {
@@ -236,6 +246,39 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
     content[METRICS]["compute-seconds"] = time.perf_counter() - started
     content[INFO] = ConfigRecord(worker_info())
     return content
+
+
+def train_private(
+    cfg: dict,
+    student: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hp: LocalTraining,
+    gen: torch.Generator,
+    state: dict,
+    proxy_x: torch.Tensor,
+    teacher_probs: torch.Tensor | None,
+    runtime: ClientRuntime,
+) -> float:
+    """DP-SGD on the private data (privacy.mode=sample); the DP steps taken are added
+    to the client's accounting history, kept with its state as {sample rate: steps}."""
+    pv = cfg["privacy"]
+    dp = DPSGD(float(pv["noise_multiplier"]), float(pv["max_grad_norm"]))
+    loss, steps = dp_train_student(
+        student, x, y, hp, dp, gen, proxy_x, teacher_probs, device=runtime.device
+    )
+    rate, _ = dp_steps_per_round(len(y), hp.batch_size, hp.epochs)
+    history = state.setdefault("dp-history", {})
+    key = repr(float(rate))
+    history[key] = history.get(key, 0) + steps
+    return loss
+
+
+def private_epsilon(cfg: dict, state: dict) -> float:
+    """This client's epsilon so far, over every DP-SGD step it has taken."""
+    pv = cfg["privacy"]
+    events = [(float(q), n) for q, n in state.get("dp-history", {}).items()]
+    return gaussian_epsilon(float(pv["noise_multiplier"]), events, float(pv["delta"]))
 
 
 def worker_info() -> dict[str, str]:
@@ -275,7 +318,13 @@ def build_client_app(cfg: dict) -> ClientApp:
     def query(message: Message, context: Context) -> Message:
         return handle_query(cfg, message, context)
 
-    @app.train()
+    pv = cfg["privacy"]
+    mods = []
+    if pv["mode"] == "client":  # clip the upload before it leaves the client
+        classes = lambda: client_runtime(cfg).data.num_classes  # noqa: E731 (on the worker)
+        mods.append(clip_upload_mod(float(pv["clip_norm"]), classes))
+
+    @app.train(mods=mods)
     def train(message: Message, context: Context) -> Message:
         return handle_train(cfg, message, context)
 

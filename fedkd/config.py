@@ -142,6 +142,17 @@ class FaultsConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (fedkd/privacy/): none, sample (DP-SGD) or client (uploads)."""
+
+    mode: str = "none"  # none | sample | client
+    noise_multiplier: float = 1.0  # noise std over the L2 sensitivity
+    max_grad_norm: float = 1.0  # sample: per-example gradient clip
+    clip_norm: float = 5.0  # client: L2 bound on each row of a client's logits
+    delta: float = 1e-5
+
+
+@dataclass
 class OutputConfig:
     plots: bool = True
     progress: bool = True
@@ -165,6 +176,7 @@ class FedKDConfig:
     lifelong: LifelongConfig = field(default_factory=LifelongConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -299,6 +311,7 @@ def validate(cfg: DictConfig) -> None:
     )
 
     validate_faults(cfg)
+    validate_privacy(cfg)
     validate_strategy(cfg)
 
 
@@ -334,6 +347,25 @@ def validate_faults(cfg: DictConfig) -> None:
         f.min_replies,
         f"an integer from 1 to clients_per_round ({cfg.clients_per_round})",
     )
+
+
+def validate_privacy(cfg: DictConfig) -> None:
+    from fedkd.privacy import MODES
+
+    pv = cfg.privacy
+    _require(pv.mode in MODES, "privacy.mode", pv.mode, _one_of(list(MODES)))
+    _require(pv.noise_multiplier >= 0, "privacy.noise_multiplier", pv.noise_multiplier, ">= 0")
+    _require(pv.max_grad_norm > 0, "privacy.max_grad_norm", pv.max_grad_norm, "a number > 0")
+    _require(pv.clip_norm > 0, "privacy.clip_norm", pv.clip_norm, "a number > 0")
+    _require(0 < pv.delta < 1, "privacy.delta", pv.delta, "a number in (0, 1)")
+    if pv.mode == "sample":
+        _require(
+            cfg.lifelong.mitigation not in ("client_lwf", "replay"),
+            "lifelong.mitigation",
+            cfg.lifelong.mitigation,
+            "none, teacher_memory or review with privacy.mode=sample "
+            "(client_lwf and replay add private-data losses outside DP-SGD)",
+        )
 
 
 def validate_lifelong(cfg: DictConfig) -> None:

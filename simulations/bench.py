@@ -167,6 +167,20 @@ def parallel_efficiency(result: dict[str, Any]) -> float | None:
     return result["sim_client_compute_seconds"] / (max(1, slots) * client_phase)
 
 
+def student_parameters(cfg: Any) -> int:
+    from fedkd.data.datasets import num_classes_of
+    from fedkd.models import create_model
+
+    shape = (3, 32, 32) if cfg.dataset.name == "cifar10" else (1, 28, 28)
+    if cfg.dataset.name == "synthetic":
+        syn = cfg.dataset.synthetic
+        shape = (syn.channels, syn.image_size, syn.image_size)
+    model = create_model(
+        cfg.model.student, num_classes=num_classes_of(cfg.dataset), input_shape=shape, seed=(0,)
+    )
+    return sum(p.numel() for p in model.parameters())
+
+
 def machine() -> dict[str, Any]:
     import flwr
     import ray
@@ -208,6 +222,11 @@ def bench(name: str, overrides: list[str], out: str | None, bound: bool) -> dict
             "clients_per_round": int(cfg.clients_per_round),
             "rounds": int(cfg.rounds),
             "sim_torch_threads_per_client": int(cfg.simulation.num_cpus),
+            "strategy": str(cfg.strategy.name),
+            "student": str(cfg.model.student),
+            "student_parameters": student_parameters(cfg),
+            "codec": str(cfg.strategy.get("codec", "float32 weights")),
+            "proxy_per_round": int(cfg.proxy.subset_size or cfg.proxy.size),
         }
         result |= run_simulator(overrides, run_dir)
         if bound:
@@ -249,6 +268,33 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bytes_markdown(results: list[dict[str, Any]]) -> str:
+    """Bytes per client per round (up + down), each against FedAvg's with the same student."""
+    fedavg = {r.get("student"): r for r in results if r.get("strategy") == "fedavg"}
+    lines = [
+        "| workload | strategy | student (parameters) | payload | proxy items/round "
+        "| up + down per client per round (B) | vs FedAvg, same student |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        total = r["bytes_up_per_client_round"] + r["bytes_down_per_client_round"]
+        ref = fedavg.get(r.get("student"))
+        if r.get("strategy") == "fedavg":
+            ratio, items = "1", "-"
+        else:
+            ref_total = (
+                ref and ref["bytes_up_per_client_round"] + ref["bytes_down_per_client_round"]
+            )
+            ratio = f"1/{ref_total / total:.1f}" if ref_total else "-"
+            items = str(r.get("proxy_per_round", "-"))
+        student = f"{r.get('student', '?')} ({r.get('student_parameters', 0):,})"
+        lines.append(
+            f"| {r['name']} | {r.get('strategy', '?')} | {student} | {r.get('codec', '?')} "
+            f"| {items} | {total:,.0f} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -272,6 +318,8 @@ def summarize(folder: str, out: str | None) -> str:
         raise FedKDError(f"{folder}: no benchmark results (*.json)")
     results = [json.loads(f.read_text()) for f in files]
     results.sort(key=lambda r: (r["clients_per_round"], r["num_clients"], r["name"]))
+    timed = [r for r in results if "bound_round_seconds" in r]
+    payload = [r for r in results if "bound_round_seconds" not in r]
     m = results[0]["machine"]
     lines = [
         "# fedkd benchmarks",
@@ -282,8 +330,18 @@ def summarize(folder: str, out: str | None) -> str:
         " (round 1 excluded); `overhead ratio` = simulator round / compute-bound round;"
         " `slot busy` = summed client compute / (client slots x client phase of the round).",
         "",
-        markdown(results),
-        "Workloads (`fedkd-bench --name NAME OVERRIDES`):",
+        "## Simulator against the compute bound",
+        "",
+        markdown(timed),
+        "## Bytes on the wire",
+        "",
+        "Measured from the ArrayRecords of steady-state rounds (soft labels travel both"
+        " ways; FedAvg's weights too).",
+        "",
+        bytes_markdown(payload) if payload else "(no payload workloads)\n",
+        "## Workloads",
+        "",
+        "`fedkd-bench --name NAME OVERRIDES`:",
         "",
         *[f"- `{r['name']}`: `{' '.join(r['overrides'])}`" for r in results],
         "",

@@ -189,8 +189,8 @@ def _fmt(stat: tuple[float, float, int] | None, kind: str) -> str:
     if stat is None:
         return "-"
     mean, std, n = stat
-    scale = {"pct": 100.0, "mb": 1e-6, "s": 1.0, "n": 1.0}[kind]
-    digits = {"pct": 1, "mb": 3, "s": 0, "n": 1}[kind]
+    scale = {"pct": 100.0, "mb": 1e-6, "s": 1.0, "n": 1.0, "f2": 1.0}[kind]
+    digits = {"pct": 1, "mb": 3, "s": 0, "n": 1, "f2": 2}[kind]
     text = f"{mean * scale:.{digits}f}"
     return text + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
 
@@ -206,6 +206,8 @@ def table(runs: list[Run], target: float | None = None) -> tuple[str, str]:
     """Markdown and CSV of the runs, one row per group, mean ± std over seeds."""
     columns = LIFELONG_COLUMNS if any(r.lifelong for r in runs) else COLUMNS
     label = "strategy + mitigation" if columns is LIFELONG_COLUMNS else "strategy"
+    if any(r.summary.get("epsilon") is not None for r in runs):
+        columns = [*columns[:1], ("epsilon", "epsilon", "f2"), *columns[1:]]
     if target is not None:
         pct = f"{target * 100:g}%"
         columns = [

@@ -36,6 +36,7 @@ from fedkd.data.federated import FederatedData
 from fedkd.errors import ConfigError
 from fedkd.lifelong import LifelongTracker
 from fedkd.mitigations import build_mitigation
+from fedkd.privacy import gaussian_epsilon
 from fedkd.protocol import (
     CONFIG,
     INFO,
@@ -114,12 +115,25 @@ class FederatedStrategy(Strategy):
         self._student_baselines: list[list[float]] = []  # students' b_j, as clients report it
         self.ray_nodes: set[str] = set()  # Ray nodes the clients ran on (simulation)
         self.last_round = 0  # the last finished round (a restored checkpoint's, on resume)
+        self.client_epsilon: dict[int, float] = {}  # privacy.mode=sample: as clients report
+        self.dp_rounds = 0  # privacy.mode=client: noised aggregations so far
 
     # ------------------------------------------------------------------ set-up
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         """Reject settings this strategy cannot serve (raise ConfigError)."""
         from fedkd.mitigations import MITIGATIONS
+
+        privacy = cfg.privacy.mode
+        if privacy != "none" and not cls.uses_clients:
+            raise ConfigError("privacy.mode", privacy, f"none: {cfg.strategy.name} has no clients")
+        if privacy == "client" and cls.reply_kind != REPLY_LOGITS:
+            raise ConfigError(
+                "privacy.mode",
+                privacy,
+                "none or sample: client-level DP on uploads applies to soft-label "
+                f"strategies (dsfl, fedmd), and {cfg.strategy.name} sends no soft labels",
+            )
 
         name = cfg.lifelong.mitigation
         mit = MITIGATIONS.get(name)
@@ -342,11 +356,28 @@ class FederatedStrategy(Strategy):
         if rows:
             stats["student_task_accuracy"] = [float(v) for v in np.mean(np.array(rows), axis=0)]
         for r in valid:
+            if "dp-epsilon" in r.metrics:
+                self.client_epsilon[r.partition_id] = float(r.metrics["dp-epsilon"])
             if r.info.get("ray-node"):
                 self.ray_nodes.add(r.info["ray-node"])
             if "initial-task-accuracy" in r.metrics:
                 self._student_baselines.append(list(r.metrics["initial-task-accuracy"]))
+        stats.update(self.privacy_stats())
         return aggregated, MetricRecord({k: v for k, v in stats.items() if v is not None})
+
+    def privacy_stats(self) -> dict[str, float]:
+        """The privacy spent so far (fedkd/privacy/): epsilon at delta, for the worst-off
+        client's data (sample), or for any client's participation (client)."""
+        pv = self.cfg["privacy"]
+        if pv["mode"] == "none":
+            return {}
+        sigma, delta = float(pv["noise_multiplier"]), float(pv["delta"])
+        if pv["mode"] == "sample":
+            eps = max(self.client_epsilon.values(), default=0.0)
+        else:
+            rate = int(self.cfg["clients_per_round"]) / int(self.cfg["num_clients"])
+            eps = gaussian_epsilon(sigma, [(rate, self.dp_rounds)], delta)
+        return {"epsilon": eps, "delta": delta, "noise_multiplier": sigma}
 
     # -------------------------------------------------------- Flower Strategy API
     def configure_train(
@@ -464,6 +495,8 @@ class FederatedStrategy(Strategy):
             "trackers": [t.state_dict() for t in (teacher, students)],
             "student_baselines": self._student_baselines,
             "ray_nodes": sorted(self.ray_nodes),
+            "client_epsilon": dict(self.client_epsilon),
+            "dp_rounds": self.dp_rounds,
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": np.random.get_state(),
         }
@@ -476,6 +509,8 @@ class FederatedStrategy(Strategy):
             tracker.load_state_dict(state)
         self._student_baselines = [list(b) for b in ckpt["student_baselines"]]
         self.ray_nodes = set(ckpt["ray_nodes"])
+        self.client_epsilon = {int(k): float(v) for k, v in ckpt["client_epsilon"].items()}
+        self.dp_rounds = int(ckpt["dp_rounds"])
         torch.set_rng_state(ckpt["torch_rng"])
         np.random.set_state(ckpt["numpy_rng"])
         self.last_round = int(ckpt["round"])

@@ -29,6 +29,7 @@ class Central(FederatedStrategy):
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
+        super().check_config(cfg)
         if cfg.lifelong.mitigation != "none":
             raise ConfigError(
                 "lifelong.mitigation", cfg.lifelong.mitigation, "none: central trains no clients"

@@ -43,6 +43,7 @@ class FedAvg(FederatedStrategy):
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
+        super().check_config(cfg)
         if len(set(cfg.model.students)) > 1:
             raise ConfigError(
                 "model.students",

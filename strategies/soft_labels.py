@@ -19,6 +19,7 @@ from fedkd.comm.codecs import CODECS, check, decode, encode
 from fedkd.distill import coordinate_median, entropy, mean_logits, trimmed_mean
 from fedkd.errors import ConfigError
 from fedkd.models import create_model
+from fedkd.privacy.upload import noisy_mean
 from fedkd.protocol import (
     KNOWLEDGE,
     LOGITS,
@@ -28,6 +29,7 @@ from fedkd.protocol import (
     ClientReply,
     InvalidReply,
 )
+from fedkd.seeding import torch_generator
 from fedkd.training import soft_labels
 from strategies.base import FederatedStrategy, ServerContext
 
@@ -53,6 +55,12 @@ class SoftLabelStrategy(FederatedStrategy):
         if aggregator != "mean" and weighted:
             raise ConfigError(
                 "strategy.weighted", weighted, f"false with aggregator={aggregator} (unweighted)"
+            )
+        if aggregator != "mean" and cfg["privacy"]["mode"] == "client":
+            raise ConfigError(
+                "strategy.aggregator",
+                aggregator,
+                "mean with privacy.mode=client (the noise is calibrated to a sum)",
             )
         if not 0 <= trim_fraction < 0.5:
             raise ConfigError("strategy.trim_fraction", trim_fraction, "a number in [0, 0.5)")
@@ -116,6 +124,12 @@ class SoftLabelStrategy(FederatedStrategy):
         weights = None
         if self.weighted:
             weights = torch.tensor([r.num_examples for r in replies], dtype=torch.float32)
+        pv = self.cfg["privacy"]
+        if pv["mode"] == "client":  # the noisy mean of clipped logits, then post-processing
+            gen = torch_generator(self.seed, rnd, "dp-noise")
+            mean = noisy_mean(logits, pv["clip_norm"], pv["noise_multiplier"], gen)
+            logits, weights = mean.unsqueeze(0), None
+            self.dp_rounds += 1
         target = self.aggregate_knowledge(logits, weights)
         loss = self.distill_server_model(self.teacher, target, rnd, self.optimizer)
         self.teacher_ready = True

@@ -99,3 +99,14 @@ def test_vary_names_rows_and_target_counts_rounds_and_bytes(tmp_path):
     fedavg = next(line for line in lines if line.startswith("| fedavg"))
     assert fedavg.startswith("| fedavg subset_size=None |")  # fedavg has no codec
     assert "| - | - |" in fedavg  # never reached 80%
+
+
+def test_private_runs_get_an_epsilon_column_and_are_named_by_noise(tmp_path):
+    for i, (sigma, eps) in enumerate([(0.5, 8.25), (1.0, 2.5)]):
+        run = make_run(tmp_path, f"r{i}", "dsfl", 0, 0.8, privacy={"noise_multiplier": sigma})
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps(summary | {"epsilon": eps}))
+    md = report([str(tmp_path)], None, vary=("privacy",))
+    lines = md.splitlines()
+    assert "| epsilon |" in lines[0]
+    assert any(line.startswith("| dsfl noise_multiplier=0.5 | 1 | 8.25 |") for line in lines)

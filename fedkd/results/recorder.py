@@ -48,7 +48,15 @@ _TOTALS = (
     "server_seconds",
     "client_compute_seconds",
 )
-_FINALS = ("teacher_accuracy", "client_accuracy_mean", "client_accuracy_min", "client_accuracy_max")
+_FINALS = (
+    "teacher_accuracy",
+    "client_accuracy_mean",
+    "client_accuracy_min",
+    "client_accuracy_max",
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+)
 
 
 def _clean(value: Any) -> Any:
@@ -138,7 +146,8 @@ class RunRecorder:
         out: dict[str, Any] = dict(self.meta)
         out["rounds"] = len(self.rows)
         for key in _FINALS:
-            out[key] = last.get(key)
+            if key in last:  # the privacy keys exist only in private runs
+                out[key] = last[key]
         out["best_teacher_accuracy"] = max(teacher) if teacher else None
         for key in _TOTALS:
             out[key] = sum((r.get(key) or 0) for r in self.rows)

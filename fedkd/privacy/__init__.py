@@ -1,0 +1,22 @@
+"""Differential privacy in fedkd (`privacy.mode`, conf/privacy/).
+
+- `sample`: DP-SGD on each client's private data with Opacus (per-example clipping
+  to `max_grad_norm`, Gaussian noise `noise_multiplier * max_grad_norm`, Poisson
+  sampling of the private set). The KD steps on the public proxy set are not
+  private and need not be. A client's soft labels are computed by its DP-trained
+  student: post-processing, so their epsilon is the training epsilon.
+- `client`: client-level DP on uploads (fedkd/privacy/upload.py): clients clip their
+  logits, the server adds Gaussian noise to the sum; everything after is
+  post-processing.
+
+Both are accounted with dp-accounting's RDP accountant as Poisson-subsampled
+Gaussian mechanisms, composed over every DP step (sample) or round (client) so far.
+Client sampling here is a fixed-size draw of K of N clients; it is accounted as
+Poisson sampling with rate K/N, the usual approximation in DP-FedAvg accounting.
+"""
+
+from fedkd.privacy.accounting import gaussian_epsilon
+
+MODES = ("none", "sample", "client")
+
+__all__ = ["MODES", "gaussian_epsilon"]

@@ -1,0 +1,105 @@
+"""Sample-level DP for local training: DP-SGD with Opacus on the private data.
+
+Each step draws a Poisson sample of the private set (rate q = batch_size / n, so a
+step's batch size varies), takes one Opacus DP-SGD step on its cross-entropy
+(per-example gradients clipped to `max_grad_norm`, Gaussian noise added), then, when
+the server sent soft labels, one ordinary SGD step of KD on a batch of the public
+proxy set. Only the DP steps touch private data; the KD steps see public data and
+the current model, so they are post-processing. Steps per epoch: round(1 / q).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedkd.distill import distillation_loss
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+def dp_steps_per_round(n: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """(sample rate q, DP steps per round) for a private set of n examples."""
+    q = min(1.0, batch_size / max(n, 1))
+    return q, epochs * max(1, round(1 / q))
+
+
+def dp_train_student(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hp,
+    dp: DPSGD,
+    generator: torch.Generator,
+    proxy_x: torch.Tensor | None = None,
+    teacher_probs: torch.Tensor | None = None,
+    device: str = "cpu",
+) -> tuple[float, int]:
+    """Train `model` in place; returns (mean private loss, DP steps taken)."""
+    with warnings.catch_warnings():
+        # Opacus' hooks fire on the first layer, whose input needs no gradient: harmless
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        return _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device)
+
+
+def _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device):
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    model.to(device).train()
+    for m in model.modules():  # Opacus' backward hooks cannot see through in-place ops
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    gsm = GradSampleModule(model)
+    q, steps = dp_steps_per_round(len(y), hp.batch_size, hp.epochs)
+    private_opt = DPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=hp.lr, momentum=hp.momentum),
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=max(1, round(q * len(y))),
+        generator=generator,
+    )
+    use_kd = teacher_probs is not None and proxy_x is not None and len(proxy_x) > 0
+    public_opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum)
+    proxy_bs = -(-len(proxy_x) // steps) if use_kd else 0
+    porder = torch.randperm(len(proxy_x), generator=generator) if use_kd else None
+    total, count = 0.0, 0
+    for s in range(steps):
+        mask = torch.rand(len(y), generator=generator) < q  # Poisson sampling
+        idx = mask.nonzero().flatten()
+        private_opt.zero_grad(set_to_none=True)
+        out = gsm(x[idx].to(device))
+        if len(idx):
+            loss = F.cross_entropy(out, y[idx].to(device))
+            total += loss.item() * len(idx)
+            count += len(idx)
+        else:  # an empty Poisson sample: zero gradients, but the step (and its noise) counts
+            loss = out.sum() * 0.0
+        loss.backward()
+        private_opt.step()
+        if use_kd:
+            j = s % max(1, -(-len(proxy_x) // proxy_bs))
+            pidx = porder[j * proxy_bs : (j + 1) * proxy_bs]
+            gsm.disable_hooks()
+            public_opt.zero_grad(set_to_none=True)
+            kd = (1 - hp.alpha) * distillation_loss(
+                model(proxy_x[pidx].to(device)), teacher_probs[pidx].to(device), hp.temperature
+            )
+            kd.backward()
+            public_opt.step()
+            gsm.enable_hooks()
+    private_opt.zero_grad(set_to_none=True)
+    for p in model.parameters():  # leave a plain module behind
+        for attr in ("grad_sample", "summed_grad"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+    gsm._close()
+    return total / max(count, 1), steps

@@ -1,0 +1,57 @@
+"""Client-level DP on soft-label uploads: clip on the client, noise on the server.
+
+The client clips each row of its logits (one per proxy item) to L2 norm
+`clip_norm` in a Flower mod attached to the train function only, so the whole
+upload has L2 norm at most clip_norm * sqrt(n). The server clips again (it cannot
+trust clients), sums the K uploads and adds N(0, (noise_multiplier * clip_norm *
+sqrt(n))^2) to every coordinate: the Gaussian mechanism on a sum whose sensitivity
+to one client's upload is clip_norm * sqrt(n).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from flwr.app import Context, Message
+
+from fedkd.comm.codecs import decode, encode
+from fedkd.protocol import CONFIG, KNOWLEDGE, LOGITS, REPLY_LOGITS, RoundPlan
+
+
+def clip_rows(values: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Scale every row (last dim) of `values` down to L2 norm <= clip_norm."""
+    norms = values.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return values * (clip_norm / norms).clamp(max=1.0)
+
+
+def noisy_mean(
+    uploads: torch.Tensor, clip_norm: float, noise_multiplier: float, generator: torch.Generator
+) -> torch.Tensor:
+    """(K, n, C) uploads -> (n, C): the mean of their row-clipped values, with
+    Gaussian noise calibrated to one client's L2 sensitivity on the sum."""
+    k, n, _ = uploads.shape
+    total = clip_rows(uploads, clip_norm).sum(0)
+    std = noise_multiplier * clip_norm * math.sqrt(n)
+    return (total + std * torch.randn(total.shape, generator=generator)) / k
+
+
+def clip_upload_mod(clip_norm: float, num_classes: Callable[[], int]) -> Callable:
+    """A Flower mod: clip the rows of the train reply's logits before they leave.
+    `num_classes` is asked on the worker, where the client's data is loaded."""
+
+    def mod(msg: Message, context: Context, call_next: Callable) -> Message:
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        plan = RoundPlan.from_record(msg.content.config_records[CONFIG])
+        records = reply.content.array_records
+        if plan.reply != REPLY_LOGITS or KNOWLEDGE not in records:
+            return reply
+        shape = (plan.proxy_count, num_classes())
+        logits = decode(records[KNOWLEDGE], LOGITS, plan.codec, shape)
+        records[KNOWLEDGE] = encode(clip_rows(logits, clip_norm), plan.codec, LOGITS)
+        return reply
+
+    return mod
