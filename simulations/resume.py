@@ -23,6 +23,7 @@ PROG = "fedkd-resume"
 
 
 def resume(run_dir: str | Path) -> dict:
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -35,7 +36,7 @@ def resume(run_dir: str | Path) -> dict:
         raise FedKDError(f"{run}: not a fedkd run directory (no config.yaml)")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(FedKDConfig), OmegaConf.load(config))
-    except (OmegaConfBaseException, ValueError, OSError) as exc:
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FedKDError(f"{config}: not a valid fedkd config ({first})") from None
     return run_experiment(cfg, run, resume=True)

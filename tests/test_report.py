@@ -109,4 +109,4 @@ def test_private_runs_get_an_epsilon_column_and_are_named_by_noise(tmp_path):
     md = report([str(tmp_path)], None, vary=("privacy",))
     lines = md.splitlines()
     assert "| epsilon |" in lines[0]
-    assert any(line.startswith("| dsfl noise_multiplier=0.5 | 1 | 8.25 |") for line in lines)
+    assert any(line.startswith("| dsfl noise_multiplier=0.5 | 1 | 80.0 | 8.25 |") for line in lines)
