@@ -61,6 +61,7 @@ bench-scale: setup    ## the simulator against the compute bound, 10 to 10,000 c
 	$(BIN)/fedkd-bench --name cpr100-n1000 --out $(BENCH_DIR)/cpr100-n1000.json $(SCALE) num_clients=1000 clients_per_round=100
 	$(BIN)/fedkd-bench --name cpr100-n10000 --out $(BENCH_DIR)/cpr100-n10000.json $(SCALE) num_clients=10000 clients_per_round=100
 	$(BIN)/fedkd-bench --name cpr1000-n1000 --out $(BENCH_DIR)/cpr1000-n1000.json $(SCALE) num_clients=1000 clients_per_round=1000 rounds=2
+	$(BIN)/fedkd-bench --no-bound --name cpr100-n10000-flower-dispatch --out $(BENCH_DIR)/cpr100-n10000-flower-dispatch.json $(SCALE) num_clients=10000 clients_per_round=100 simulation.fast_dispatch=false
 
 bench-bytes: setup    ## bytes per client per round: each codec, and FedAvg with students of several sizes
 	mkdir -p $(BENCH_DIR)

@@ -318,8 +318,8 @@ def summarize(folder: str, out: str | None) -> str:
         raise FedKDError(f"{folder}: no benchmark results (*.json)")
     results = [json.loads(f.read_text()) for f in files]
     results.sort(key=lambda r: (r["clients_per_round"], r["num_clients"], r["name"]))
-    timed = [r for r in results if "bound_round_seconds" in r]
-    payload = [r for r in results if "bound_round_seconds" not in r]
+    payload = [r for r in results if r["name"].startswith("bytes-")]
+    timed = [r for r in results if not r["name"].startswith("bytes-")]
     m = results[0]["machine"]
     lines = [
         "# fedkd benchmarks",
@@ -331,6 +331,9 @@ def summarize(folder: str, out: str | None) -> str:
         " `slot busy` = summed client compute / (client slots x client phase of the round).",
         "",
         "## Simulator against the compute bound",
+        "",
+        "Workloads named `bytes-*` are in the next table; `-` marks a workload run"
+        " without the bound (`--no-bound`).",
         "",
         markdown(timed),
         "## Bytes on the wire",
