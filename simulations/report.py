@@ -39,7 +39,13 @@ PROG = "fedkd-report"
 # where each run happened to write its files.
 VARYING = ("strategy", "seed", "lifelong.mitigation", "simulation.client_state_dir")
 # Of those, what never names a row: the seed, and what follows from the strategy name.
-NOT_LABELS = ("seed", "simulation.client_state_dir", "strategy.name", "strategy._target_")
+NOT_LABELS = (
+    "seed",
+    "simulation.client_state_dir",
+    "strategy.name",
+    "strategy._target_",
+    "lifelong.mitigation",  # already in the row's name
+)
 
 COLUMNS: list[tuple[str, str, str]] = [  # (summary key, header, format)
     ("teacher_accuracy", "teacher acc. (%)", "pct"),
@@ -147,13 +153,18 @@ def check_same_setting(runs: list[Run], vary: tuple[str, ...] = ()) -> None:
                     f"{runs[0].path} but {other.get(key)!r} in {run.path} "
                     f"(compare it on purpose with --vary {key})"
                 )
-    flats = [_flatten(r.config) for r in runs]
-    keys = sorted({k for f in flats for k in f if _matches(k, allowed)})
-    labels = tuple(
-        k
-        for k in keys
-        if not _matches(k, NOT_LABELS) and len({json.dumps(f.get(k)) for f in flats}) > 1
-    )
+    # A compared setting names the rows if two runs of one strategy differ in it
+    # (different strategies have different settings; their names tell them apart).
+    flats = [(str(r.summary.get("strategy")), _flatten(r.config)) for r in runs]
+    keys = sorted({k for _, f in flats for k in f if _matches(k, allowed)})
+
+    def differs(key: str) -> bool:
+        seen: dict[str, set[str]] = defaultdict(set)
+        for name, f in flats:
+            seen[name].add(json.dumps(f.get(key)))
+        return any(len(v) > 1 for v in seen.values())
+
+    labels = tuple(k for k in keys if not _matches(k, NOT_LABELS) and differs(k))
     for run in runs:
         run.label_keys = labels
 

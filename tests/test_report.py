@@ -86,8 +86,13 @@ def test_vary_names_rows_and_target_counts_rounds_and_bytes(tmp_path):
     a_cfg["strategy"]["codec"] = "int8"
     (a / "config.yaml").write_text(yaml.safe_dump(a_cfg))
     b = make_run(tmp_path, "b", "fedavg", 0, 0.9, proxy={"subset_size": None})
+    c = make_run(tmp_path, "c", "dsfl", 0, 0.8, proxy={"subset_size": None})
+    c_cfg = yaml.safe_load((c / "config.yaml").read_text())
+    c_cfg["strategy"]["codec"] = "float16"
+    (c / "config.yaml").write_text(yaml.safe_dump(c_cfg))
     write_rounds(a, [0.5, 0.7, 0.81], 1_000_000)
     write_rounds(b, [0.6, 0.79], 8_000_000)
+    write_rounds(c, [0.85], 2_000_000)
     with pytest.raises(ReportError, match=r"--vary proxy\.subset_size"):
         report([str(tmp_path)], None)
     md = report([str(tmp_path)], None, vary=("proxy.subset_size",), target=0.8)
@@ -96,6 +101,7 @@ def test_vary_names_rows_and_target_counts_rounds_and_bytes(tmp_path):
     dsfl = next(line for line in lines if line.startswith("| dsfl"))
     assert dsfl.startswith("| dsfl subset_size=1000 codec=int8 |")
     assert "| 3.0 | 3.000 |" in dsfl  # reached 0.81 in round 3 after 3 x 1 MB
+    assert any(line.startswith("| dsfl subset_size=None codec=float16 |") for line in lines)
     fedavg = next(line for line in lines if line.startswith("| fedavg"))
     assert fedavg.startswith("| fedavg subset_size=None |")  # fedavg has no codec
     assert "| - | - |" in fedavg  # never reached 80%
