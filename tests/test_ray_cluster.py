@@ -3,6 +3,7 @@ started with `ray start` on loopback, one CPU each, and the run's clients land o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,8 +48,26 @@ def two_node_cluster(tmp_path):
         ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", *common, env=env)
         yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        stop_cluster(address)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_cluster(address: str) -> None:
+    """Kill this cluster's processes only. `ray stop` would kill every Ray instance
+    of the user on the machine, including simulations running beside the tests."""
+    import psutil
+
+    port = address.rsplit(":", 1)[1]
+    ours = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "ray" in cmd and (f":{port}" in cmd or f"--gcs_server_port={port}" in cmd):
+            ours.append(proc)
+    for proc in ours:
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    psutil.wait_procs(ours, timeout=30)
 
 
 def test_clients_run_on_both_nodes_of_a_ray_cluster(two_node_cluster, tmp_path):
