@@ -37,7 +37,7 @@ PROG = "fedkd-report"
 
 # Keys that may differ between runs of one table: what is being compared, and
 # where each run happened to write its files.
-VARYING = ("strategy", "seed", "lifelong.mitigation", "simulation.client_state_dir")
+VARYING = ("strategy", "seed", "lifelong.mitigation", "simulation.client_state_dir", "output")
 # Of those, what never names a row: the seed, and what follows from the strategy name.
 NOT_LABELS = (
     "seed",
@@ -45,6 +45,7 @@ NOT_LABELS = (
     "strategy.name",
     "strategy._target_",
     "lifelong.mitigation",  # already in the row's name
+    "output",  # plots, progress display, checkpoints: never a result
 )
 
 COLUMNS: list[tuple[str, str, str]] = [  # (summary key, header, format)
