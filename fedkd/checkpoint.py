@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedkd.atomic import write_atomic
 from fedkd.errors import FedKDError
 
 CHECKPOINT = "checkpoint.pt"
@@ -40,14 +39,7 @@ def config_digest(cfg: dict[str, Any]) -> str:
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".checkpoint-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, run_dir / CHECKPOINT)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(run_dir) / CHECKPOINT, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -13,11 +13,12 @@ that round again from the state it had before.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedkd.atomic import write_atomic
 
 ROUND = "_round"  # the round a saved state comes from
 
@@ -52,16 +53,8 @@ class ClientStore:
 
     def save(self, partition_id: int, state: dict[str, Any], rnd: int = 0) -> None:
         """Save the state `rnd` produced; an older round's state becomes the previous."""
-        self.root.mkdir(parents=True, exist_ok=True)
         latest = self.path(partition_id)
         current = self._read(latest)
         if current is not None and current.get(ROUND, 0) < rnd:
             os.replace(latest, self.path(partition_id, previous=True))
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({**state, ROUND: rnd}, f)
-            os.replace(tmp, latest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(latest, lambda f: torch.save({**state, ROUND: rnd}, f))

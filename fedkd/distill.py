@@ -6,6 +6,8 @@ with K clients. Nothing here touches models, data or Flower.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.nn import functional as F
 
@@ -98,14 +100,18 @@ def mean_probs(probs: torch.Tensor, weights: torch.Tensor | None = None) -> torc
 
 
 def entropy_reduction_average(
-    probs: torch.Tensor, temperature: float, weights: torch.Tensor | None = None
+    probs: torch.Tensor,
+    temperature: float,
+    weights: torch.Tensor | None = None,
+    center: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = mean_probs,
 ) -> torch.Tensor:
     """DS-FL's ERA: softmax(mean_k p_k / T). With T < 1 it sharpens the average.
 
     Averaging non-IID clients' outputs gives high-entropy targets; ERA lowers the
-    entropy so that distilling toward them still teaches a decision.
+    entropy so that distilling toward them still teaches a decision. `center` may
+    replace the mean with a robust one (a median, a trimmed mean).
     """
-    return tempered_softmax(mean_probs(probs, weights), temperature)
+    return tempered_softmax(center(probs, weights), temperature)
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fedkd.distill import tempered_softmax
+from fedkd.distill import entropy_reduction_average
 from fedkd.errors import ConfigError
 from strategies.soft_labels import SoftLabelStrategy
 
@@ -31,7 +31,6 @@ class DSFL(SoftLabelStrategy):
     def aggregate_knowledge(
         self, logits: torch.Tensor, weights: torch.Tensor | None
     ) -> torch.Tensor:
-        # ERA (entropy_reduction_average) with the configured aggregator for the mean
-        return tempered_softmax(
-            self.center(torch.softmax(logits, dim=-1), weights), self.era_temperature
+        return entropy_reduction_average(
+            torch.softmax(logits, dim=-1), self.era_temperature, weights, center=self.center
         )

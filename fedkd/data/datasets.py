@@ -7,16 +7,17 @@ is read from a configured root, then Debian's `dataset-fashion-mnist` package
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedkd.atomic import write_atomic
 from fedkd.errors import DataError
 from fedkd.seeding import numpy_rng
 
@@ -82,14 +83,8 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs the speed-up
+    with contextlib.suppress(OSError):  # a read-only home only costs the speed-up
+        write_atomic(path, lambda f: np.save(f, array))
 
 
 def _decode_idx(path: Path) -> np.ndarray:

@@ -14,10 +14,9 @@ a piece of work needs them. `federated_data(cfg)` builds all this once per proce
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedkd.atomic import write_atomic
 from fedkd.data.datasets import CACHE_DIR, DatasetSplits, load_dataset
 from fedkd.data.partition import partition_labels
 from fedkd.data.tasks import TaskStream, build_stream
@@ -312,14 +312,8 @@ def _save_split(cfg, splits, proxy_index, private_index, task_shards) -> None:
         sizes = np.array([len(s) for s in shards])
         arrays[f"t{t}_rows"] = np.concatenate(shards) if shards else np.zeros(0, np.int64)
         arrays[f"t{t}_sizes"] = sizes
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # no cache, no harm
+    with contextlib.suppress(OSError):  # no cache, no harm
+        write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def _load_split(cfg, splits, num_tasks):
