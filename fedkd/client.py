@@ -24,6 +24,7 @@ from torch import nn
 from fedkd import faults
 from fedkd.client_store import ClientStore
 from fedkd.comm.codecs import check, decode, encode
+from fedkd.data.device import device_federated_data
 from fedkd.data.federated import FederatedData, federated_data
 from fedkd.mitigations import ClientRound, build_mitigation
 from fedkd.models import create_model
@@ -91,9 +92,14 @@ def _runtime(cfg_key: str) -> ClientRuntime:
     if in_ray_worker():
         torch.set_num_threads(int(sim["num_cpus"]))
     store_dir = sim["client_state_dir"] or str(Path.cwd() / "client_state")
+    node = cfg.get("node") or {}  # set by fedkd.app on a SuperNode with its own data
+    if node.get("data-path"):
+        data = device_federated_data(cfg, node["partition-id"], node["data-path"], node["bundle"])
+    else:
+        data = federated_data(cfg)
     return ClientRuntime(
         cfg=cfg,
-        data=federated_data(cfg),
+        data=data,
         store=ClientStore(store_dir),
         device=client_device(float(sim["num_gpus"])),
     )
@@ -115,11 +121,27 @@ def partition_id_of(context: Context) -> int:
 
 
 def handle_query(cfg: dict, message: Message, context: Context) -> Message:
-    """Handshake: tell the server which partition this node holds."""
+    """Handshake: tell the server which partition this node holds and which proxy set
+    (a digest); fail here, once, if the node's data or settings are wrong."""
     pid = partition_id_of(context)
+    if not 0 <= pid < int(cfg["num_clients"]):
+        raise ValueError(
+            f"node config partition-id={pid} is outside 0..{int(cfg['num_clients']) - 1} "
+            f"(the run has num_clients={cfg['num_clients']})"
+        )
+    parts = context.node_config.get("num-partitions")
+    if parts is not None and int(parts) != int(cfg["num_clients"]):
+        raise ValueError(
+            f"node config num-partitions={parts} but the run has num_clients={cfg['num_clients']}"
+        )
     runtime = client_runtime(cfg)
-    n = len(runtime.data.shards[pid]) if pid < runtime.data.num_clients else 0
-    content = RecordDict({METRICS: MetricRecord({"partition-id": pid, "num-examples": n})})
+    n = len(runtime.data.shards[pid])
+    content = RecordDict(
+        {
+            METRICS: MetricRecord({"partition-id": pid, "num-examples": n}),
+            INFO: ConfigRecord({"proxy-digest": runtime.data.proxy_digest}),
+        }
+    )
     return Message(content, reply_to=message)
 
 

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedkd.checkpoint import load_checkpoint
 from fedkd.data.federated import federated_data
 from fedkd.errors import FedKDError
-from fedkd.protocol import CONFIG, METRICS, QUERY
+from fedkd.protocol import CONFIG, INFO, METRICS, QUERY
 from fedkd.resources import visible_gpus
 from fedkd.results.progress import RoundProgress
 from fedkd.results.recorder import RunRecorder
@@ -47,9 +47,11 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
 
 
 def discover_partitions(
-    grid: Grid, nodes: list[int], expected: int, timeout: float
+    grid: Grid, nodes: list[int], expected: int, timeout: float, proxy_digest: str
 ) -> dict[int, int]:
-    """Ask every node for its partition id; return {node id: partition id}."""
+    """Ask every node for its partition id; return {node id: partition id} of the
+    nodes that answered with the server's proxy set. A node that fails the handshake
+    (missing data, wrong settings, another proxy set) is left out with a warning."""
     messages = [
         Message(
             RecordDict({CONFIG: ConfigRecord({"want": "partition-id"})}),
@@ -68,6 +70,17 @@ def discover_partitions(
             )
             continue
         pid = int(reply.content.metric_records[METRICS]["partition-id"])
+        theirs = reply.content.config_records[INFO]["proxy-digest"]
+        if theirs != proxy_digest:
+            log.warning(
+                "node %s (partition %d) holds another proxy set (digest %s, the server's %s); "
+                "it is left out",
+                reply.metadata.src_node_id,
+                pid,
+                theirs,
+                proxy_digest,
+            )
+            continue
         if pid in partitions.values():
             raise FederationError(f"two nodes claim partition {pid}")
         partitions[reply.metadata.src_node_id] = pid
@@ -98,11 +111,17 @@ def run_server(
         grid.pull_interval = 0.01  # Flower's in-memory grid polls for replies every 0.1 s
     if strategy.uses_clients:
         nodes = wait_for_nodes(grid, int(cfg["num_clients"]), float(sim["register_timeout"]))
-        strategy.connect(
-            discover_partitions(
-                grid, nodes, int(cfg["num_clients"]), float(sim["register_timeout"])
-            )
+        partitions = discover_partitions(
+            grid,
+            nodes,
+            int(cfg["num_clients"]),
+            float(sim["register_timeout"]),
+            strategy.data.proxy_digest,
         )
+        strategy.connect(partitions)
+        nodes_info = {"nodes": len(nodes), "nodes_admitted": len(partitions)}
+    else:
+        nodes_info = {"nodes": 0, "nodes_admitted": 0}
     meta = {
         "strategy": strategy.name,
         "seed": cfg["seed"],
@@ -113,6 +132,7 @@ def run_server(
         "mitigation": cfg["lifelong"]["mitigation"],
         "proxy_mode": cfg["lifelong"]["proxy"],
         "num_tasks": strategy.data.num_tasks,
+        **nodes_info,
     }
     progress = None
     if cfg["output"]["progress"]:

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import pytest
-from flwr.app import Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedkd import resources
-from fedkd.protocol import METRICS
+from fedkd.protocol import INFO, METRICS
 from fedkd.server import FederationError, discover_partitions, wait_for_nodes
+
+DIGEST = "0123456789abcdef"
 
 
 class FakeGrid:
     """Nodes appear one per get_node_ids() call; queries answer with partition ids."""
 
     def __init__(
-        self, partitions: dict[int, int], appear_per_call: int = 1, broken: set[int] = frozenset()
+        self,
+        partitions: dict[int, int],
+        appear_per_call: int = 1,
+        broken: set[int] = frozenset(),
+        other_proxy: set[int] = frozenset(),
     ):
         self.partitions = partitions
+        self.other_proxy = other_proxy
         self.visible = 0
         self.step = appear_per_call
         self.broken = broken
@@ -32,7 +39,13 @@ class FakeGrid:
             if node in self.broken:
                 replies.append(Message(Error(code=0, reason="boom"), reply_to=msg))
                 continue
-            content = RecordDict({METRICS: MetricRecord({"partition-id": self.partitions[node]})})
+            digest = "another" if node in self.other_proxy else DIGEST
+            content = RecordDict(
+                {
+                    METRICS: MetricRecord({"partition-id": self.partitions[node]}),
+                    INFO: ConfigRecord({"proxy-digest": digest}),
+                }
+            )
             reply = Message(content, reply_to=msg)
             replies.append(reply)
         return replies
@@ -52,15 +65,31 @@ def test_missing_nodes_time_out_with_a_clear_error():
 
 def test_handshake_maps_nodes_to_partitions():
     grid = FakeGrid({11: 2, 12: 0, 13: 1})
-    assert discover_partitions(grid, [11, 12, 13], 3, timeout=5) == {11: 2, 12: 0, 13: 1}
+    assert discover_partitions(grid, [11, 12, 13], 3, timeout=5, proxy_digest=DIGEST) == {
+        11: 2,
+        12: 0,
+        13: 1,
+    }
 
 
 def test_handshake_tolerates_a_silent_node_and_refuses_duplicates(caplog):
     grid = FakeGrid({11: 0, 12: 1, 13: 2}, broken={12})
-    assert discover_partitions(grid, [11, 12, 13], 3, timeout=5) == {11: 0, 13: 2}
+    assert discover_partitions(grid, [11, 12, 13], 3, timeout=5, proxy_digest=DIGEST) == {
+        11: 0,
+        13: 2,
+    }
     assert "did not answer" in caplog.text
     with pytest.raises(FederationError, match="two nodes claim partition 0"):
-        discover_partitions(FakeGrid({11: 0, 12: 0}), [11, 12], 2, timeout=5)
+        discover_partitions(FakeGrid({11: 0, 12: 0}), [11, 12], 2, timeout=5, proxy_digest=DIGEST)
+
+
+def test_handshake_leaves_out_a_node_with_another_proxy_set(caplog):
+    grid = FakeGrid({11: 0, 12: 1, 13: 2}, other_proxy={13})
+    assert discover_partitions(grid, [11, 12, 13], 3, timeout=5, proxy_digest=DIGEST) == {
+        11: 0,
+        12: 1,
+    }
+    assert "holds another proxy set" in caplog.text
 
 
 def test_num_gpus_auto(monkeypatch):

@@ -55,16 +55,20 @@ class FederatedData:
     client_test_size: int | None  # per task, for students
     teacher_test_size: int | None  # per task, for the server model
     seed: int
+    # per-channel (mean, std) in [0, 1]; None: computed from splits.train (a device,
+    # which holds only its shard, gets the federation's values from its bundle)
+    channel_stats: tuple[np.ndarray, np.ndarray] | None = None
     _mean: torch.Tensor = field(init=False)
     _std: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        x = self.splits.train.x
-        flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
-        self._mean = torch.tensor(flat.mean(axis=1) / 255.0, dtype=torch.float32).view(1, -1, 1, 1)
-        self._std = torch.tensor(flat.std(axis=1) / 255.0 + 1e-6, dtype=torch.float32).view(
-            1, -1, 1, 1
-        )
+        if self.channel_stats is None:
+            x = self.splits.train.x
+            flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
+            self.channel_stats = (flat.mean(axis=1) / 255.0, flat.std(axis=1) / 255.0 + 1e-6)
+        mean, std = self.channel_stats
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self._pools: dict[int, ProxyPool] = {}
 
     # ------------------------------------------------------------------ shape facts
@@ -171,6 +175,12 @@ class FederatedData:
         return self.normalize(self.splits.train.x[self.proxy_index])
 
     @cached_property
+    def proxy_digest(self) -> str:
+        """A fingerprint of the proxy images in order: the server admits only nodes
+        whose proxy set is the same as its own (round plans index into it)."""
+        return digest_images(self.splits.train.x[self.proxy_index])
+
+    @cached_property
     def proxy_y(self) -> np.ndarray:
         """For reporting only: never used for training."""
         return self.splits.train.y[self.proxy_index]
@@ -212,6 +222,11 @@ class FederatedData:
             "shard_min": min(sizes),
             "shard_max": max(sizes),
         }
+
+
+def digest_images(images: np.ndarray) -> str:
+    """A short fingerprint of uint8 proxy images, in order."""
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
 
 
 def _task_pools(stream: TaskStream, labels: np.ndarray, seed: int) -> list[np.ndarray]:

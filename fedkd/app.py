@@ -1,0 +1,164 @@
+"""The Flower app behind `flwr run`: the simulation's ServerApp and ClientApp, with
+their config composed from conf/ by the run config's Hydra `overrides`.
+
+    flwr run . local --run-config 'overrides="strategy=fedmd rounds=5"'
+
+Server and every SuperNode compose the same config from the same `overrides`, so
+they agree on the experiment as they do in `fedkd-sim`. A SuperNode's node config
+says where its data is (see `NodeSettings`); results go to `out-dir` on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import OmegaConf
+
+from fedkd.config import compose_config
+from fedkd.errors import ConfigError, FedKDError
+from fedkd.resources import resolve_num_gpus
+
+log = logging.getLogger("fedkd.app")
+
+DEFAULT_OUT_DIR = "outputs/flwr"
+DEFAULT_STATE_DIR = "~/.cache/fedkd/client_state"
+
+
+@lru_cache(maxsize=4)
+def run_cfg(overrides: str) -> dict[str, Any]:
+    """The validated plain config for a run's `overrides` (composed once per process)."""
+    cfg = compose_config(overrides)
+    sim = cfg["simulation"]
+    sim["num_gpus"] = resolve_num_gpus(sim["num_gpus"], int(sim["num_cpus"]))
+    return cfg
+
+
+def _overrides(context: Context) -> str:
+    value = context.run_config.get("overrides", "")
+    if not isinstance(value, str):
+        raise ConfigError("overrides", value, "a string of Hydra overrides")
+    return value
+
+
+# ---------------------------------------------------------------------------- server
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    from fedkd.server import run_server
+
+    try:
+        cfg = run_cfg(_overrides(context))
+    except FedKDError as exc:
+        log.error("fedkd: %s", exc)  # one line in the SuperLink's log, no traceback
+        raise SystemExit(2) from None
+    out = Path(str(context.run_config.get("out-dir") or DEFAULT_OUT_DIR))
+    out = (out / f"run-{context.run_id}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    log.warning("fedkd: run %s writes its results to %s", context.run_id, out)
+    run_server(grid, cfg, out)
+
+
+# ---------------------------------------------------------------------------- client
+@dataclass(frozen=True)
+class NodeSettings:
+    """A SuperNode's `--node-config`.
+
+    partition-id    this node's id in the federation (0..num_clients-1); required
+    num-partitions  checked against the run's num_clients when given
+    data-path       the device's own data (.npz with x and y, or a directory of
+                    class sub-directories); without it, the node holds partition
+                    `partition-id` of the configured built-in dataset
+    bundle          the proxy bundle from `fedkd-deploy bundle`; needed with data-path
+    state-dir       where the node keeps its student between rounds
+    """
+
+    partition_id: int
+    num_partitions: int | None
+    data_path: str
+    bundle: str
+    state_dir: str
+
+    KEYS = ("partition-id", "num-partitions", "data-path", "bundle", "state-dir")
+
+    @classmethod
+    def parse(cls, node_config: dict[str, Any]) -> NodeSettings:
+        unknown = sorted(set(node_config) - set(cls.KEYS))
+        if unknown:
+            raise ConfigError("node config", ", ".join(unknown), "keys " + ", ".join(cls.KEYS))
+        if "partition-id" not in node_config:
+            raise ConfigError("node config", "no partition-id", "partition-id=<0..N-1>")
+        settings = cls(
+            partition_id=int(node_config["partition-id"]),
+            num_partitions=(
+                int(node_config["num-partitions"]) if "num-partitions" in node_config else None
+            ),
+            data_path=str(node_config.get("data-path", "")),
+            bundle=str(node_config.get("bundle", "")),
+            state_dir=str(node_config.get("state-dir", DEFAULT_STATE_DIR)),
+        )
+        if settings.data_path and not settings.bundle:
+            raise ConfigError(
+                "node config bundle",
+                "(missing)",
+                "a bundle file (fedkd-deploy bundle) next to data-path",
+            )
+        return settings
+
+
+def node_cfg(context: Context) -> dict[str, Any]:
+    """The run's config as this node runs it: its data source and state directory."""
+    node = NodeSettings.parse(dict(context.node_config))
+    cfg = dict(run_cfg(_overrides(context)))
+    cfg["simulation"] = dict(cfg["simulation"])
+    state = Path(node.state_dir).expanduser() / f"run-{context.run_id}"
+    cfg["simulation"]["client_state_dir"] = str(state)
+    if node.data_path:
+        cfg["node"] = {
+            "partition-id": node.partition_id,
+            "data-path": str(Path(node.data_path).expanduser().resolve()),
+            "bundle": str(Path(node.bundle).expanduser().resolve()),
+        }
+    return cfg
+
+
+@lru_cache(maxsize=4)
+def _client_app(cfg_key: str) -> ClientApp:
+    import json
+
+    import torch
+
+    from fedkd.client import build_client_app
+
+    cfg = json.loads(cfg_key)
+    # As a simulated client does: simulation.num_cpus torch threads (and the same sums)
+    torch.set_num_threads(int(cfg["simulation"]["num_cpus"]))
+    return build_client_app(cfg)
+
+
+def _delegate(message: Message, context: Context) -> Message:
+    import json
+
+    return _client_app(json.dumps(node_cfg(context), sort_keys=True))(message, context)
+
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def client_query(message: Message, context: Context) -> Message:
+    return _delegate(message, context)
+
+
+@client_app.train()
+def client_train(message: Message, context: Context) -> Message:
+    return _delegate(message, context)

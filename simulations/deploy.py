@@ -1,0 +1,180 @@
+"""`fedkd-deploy`: the files a real federation needs besides Flower's own commands.
+
+    fedkd-deploy certs  DIR [--host NAME ...]   # CA + SuperLink TLS certificate
+    fedkd-deploy keys   DIR --nodes N           # SuperNode authentication key pairs
+    fedkd-deploy bundle FILE [OVERRIDE ...]     # the proxy bundle devices load
+
+README.md ("Deploy on devices") shows the whole sequence: these files, then
+`flower-superlink`, `flwr supernode register`, `flower-supernode` and `flwr run`.
+Every file is written atomically; an existing file is never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+from pathlib import Path
+
+from fedkd.atomic import write_atomic
+from fedkd.errors import FedKDError
+from simulations.cli import run_cli
+
+PROG = "fedkd-deploy"
+CERT_DAYS = 365
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    if path.exists():
+        raise FedKDError(f"{path} exists; remove it or pick another directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.write(data))
+
+
+def _pem_key(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def make_certs(out: Path, hosts: list[str]) -> list[Path]:
+    """A self-signed CA and a SuperLink certificate it signs, valid for `hosts`
+    (DNS names or IP addresses). Devices get ca.crt (--root-certificates)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedkd CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    pem = serialization.Encoding.PEM
+    files = {
+        "ca.crt": ca.public_bytes(pem),
+        "ca.key": _pem_key(ca_key),
+        "server.pem": server.public_bytes(pem),
+        "server.key": _pem_key(server_key),
+    }
+    for name in files:  # check all before writing any
+        if (out / name).exists():
+            raise FedKDError(f"{out / name} exists; remove it or pick another directory")
+    for name, data in files.items():
+        _write_new(out / name, data)
+    return [out / name for name in files]
+
+
+def make_node_keys(out: Path, nodes: int) -> list[Path]:
+    """One EC P-384 key pair per SuperNode, in OpenSSH format: `node-<i>` (stays on
+    the device, --auth-supernode-private-key) and `node-<i>.pub` (registered with
+    `flwr supernode register`)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if nodes < 1:
+        raise FedKDError(f"--nodes={nodes} is not allowed: an integer >= 1")
+    paths = [out / f"node-{i}{suffix}" for i in range(nodes) for suffix in ("", ".pub")]
+    for path in paths:
+        if path.exists():
+            raise FedKDError(f"{path} exists; remove it or pick another directory")
+    for i in range(nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        _write_new(out / f"node-{i}", private)
+        (out / f"node-{i}").chmod(0o600)
+        _write_new(out / f"node-{i}.pub", public + b"\n")
+    return paths
+
+
+def make_bundle(path: Path, overrides: list[str]) -> Path:
+    from fedkd.config import compose_config
+    from fedkd.data.device import write_bundle
+
+    if path.exists():
+        raise FedKDError(f"{path} exists; remove it or pick another file")
+    bundle = write_bundle(compose_config(overrides), path)
+    path.chmod(0o644)  # public data, copied to devices
+    print(
+        f"{path}: {len(bundle.proxy_x)} proxy images {bundle.input_shape}, "
+        f"{len(bundle.test_y)} test images, proxy digest {bundle.digest}"
+    )
+    return path
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    certs = sub.add_parser("certs", help="a CA and the SuperLink's TLS certificate")
+    certs.add_argument("dir", type=Path)
+    certs.add_argument(
+        "--host",
+        action="append",
+        help="a name or IP address devices use to reach the SuperLink (repeatable; "
+        "default: localhost and 127.0.0.1)",
+    )
+    keys = sub.add_parser("keys", help="SuperNode authentication key pairs")
+    keys.add_argument("dir", type=Path)
+    keys.add_argument("--nodes", type=int, required=True)
+    bundle = sub.add_parser("bundle", help="the proxy bundle a device with its own data loads")
+    bundle.add_argument("file", type=Path)
+    bundle.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedkd-sim")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+
+    def run() -> None:
+        if args.command == "certs":
+            written = make_certs(args.dir, args.host or ["localhost", "127.0.0.1"])
+        elif args.command == "keys":
+            written = make_node_keys(args.dir, args.nodes)
+        else:
+            written = [make_bundle(args.file, args.overrides)]
+        for path in written:
+            print(f"wrote {path}")
+
+    run_cli(PROG, run)
+
+
+if __name__ == "__main__":
+    main()

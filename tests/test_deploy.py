@@ -1,0 +1,201 @@
+"""Deployment pieces without a SuperLink: device data, the proxy bundle, node
+settings, the `flwr run` app's config, and `fedkd-deploy` certificates and keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+from PIL import Image
+
+from fedkd import app as flwr_app
+from fedkd.config import compose_config
+from fedkd.data.device import device_federated_data, load_bundle, load_device_data, write_bundle
+from fedkd.data.federated import federated_data
+from fedkd.errors import ConfigError, DataError, FedKDError
+from fedkd.protocol import INFO, METRICS, QUERY
+from simulations import deploy
+from tests.conftest import TINY
+
+OVERRIDES = " ".join(TINY)
+SHAPE = (1, 12, 12)
+
+
+@pytest.fixture
+def cfg():
+    return compose_config(OVERRIDES)
+
+
+@pytest.fixture
+def bundle(cfg, tmp_path):
+    path = tmp_path / "bundle.npz"
+    write_bundle(cfg, path)
+    return path
+
+
+def shard_npz(cfg, pid, path):
+    data = federated_data(cfg)
+    rows = data.private_index[data.task_shards[0][pid]]
+    np.savez(path, x=data.splits.train.x[rows][:, 0], y=data.splits.train.y[rows])  # (N, H, W)
+    return path
+
+
+def assert_same_view(a, b, pid):
+    xa, ya = a.client_data(pid)
+    xb, yb = b.client_data(pid)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(a.proxy_x, b.proxy_x)
+    assert a.proxy_digest == b.proxy_digest
+    for (p, q), (r, s) in zip(a.client_task_tests, b.client_task_tests, strict=True):
+        assert torch.equal(p, r) and torch.equal(q, s)
+
+
+def test_device_npz_gives_the_simulated_clients_view(cfg, bundle, tmp_path):
+    path = shard_npz(cfg, 1, tmp_path / "device.npz")
+    assert_same_view(federated_data(cfg), device_federated_data(cfg, 1, path, bundle), 1)
+
+
+def test_device_image_directory_gives_the_same_view(cfg, bundle, tmp_path):
+    with np.load(shard_npz(cfg, 2, tmp_path / "d.npz")) as z:
+        x, y = z["x"], z["y"]
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        (tmp_path / "imgs" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "imgs" / str(label) / f"{i:05d}.png")
+    device = device_federated_data(cfg, 2, tmp_path / "imgs", bundle)
+    xs, ys = device.client_data(2)
+    order = np.lexsort((np.arange(len(y)), y))  # directories are read class by class
+    xa, ya = federated_data(cfg).client_data(2)
+    assert torch.equal(xs, xa[order]) and torch.equal(ys, ya[order])
+
+
+def test_bundle_damage_is_caught(cfg, bundle, tmp_path):
+    with np.load(bundle) as z:
+        arrays = dict(z)
+    arrays["proxy_x"] = arrays["proxy_x"].copy()
+    arrays["proxy_x"][0, 0, 0, 0] ^= 1
+    np.savez(tmp_path / "tampered.npz", **arrays)
+    with pytest.raises(DataError, match="do not match its digest"):
+        load_bundle(tmp_path / "tampered.npz")
+    del arrays["digest"]
+    np.savez(tmp_path / "old.npz", **arrays)
+    with pytest.raises(DataError, match="lacks digest"):
+        load_bundle(tmp_path / "old.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="cannot read the bundle"):
+        load_bundle(tmp_path / "junk.npz")
+    with pytest.raises(DataError, match="cannot read the bundle"):
+        load_bundle(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x": np.zeros((4, 12, 12), np.uint8)}, "needs arrays 'x' and 'y'"),
+        ({"x": np.zeros((4, 12, 12)), "y": np.zeros(4, int)}, "must be uint8"),
+        ({"x": np.zeros((4, 10, 10), np.uint8), "y": np.zeros(4, int)}, "expected \\(1, 12, 12\\)"),
+        ({"x": np.zeros((4, 12, 12), np.uint8), "y": np.zeros(3, int)}, "one integer label"),
+        ({"x": np.zeros((4, 12, 12), np.uint8), "y": np.full(4, 10)}, "labels must lie in 0..9"),
+        ({"x": np.zeros((0, 12, 12), np.uint8), "y": np.zeros(0, int)}, "holds no samples"),
+    ],
+)
+def test_bad_device_npz_is_one_clear_error(tmp_path, arrays, message):
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        load_device_data(tmp_path / "d.npz", SHAPE, 10)
+
+
+def test_bad_device_directory_is_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_device_data(tmp_path / "nowhere", SHAPE, 10)
+    (tmp_path / "d" / "shirts").mkdir(parents=True)
+    with pytest.raises(DataError, match="named by class index"):
+        load_device_data(tmp_path / "d", SHAPE, 10)
+    (tmp_path / "e" / "3").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        load_device_data(tmp_path / "e", SHAPE, 10)
+    (tmp_path / "e" / "3" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read the image"):
+        load_device_data(tmp_path / "e", SHAPE, 10)
+
+
+@pytest.mark.parametrize(
+    "node_config, message",
+    [
+        ({"partition_id": 0}, "partition_id"),
+        ({"num-partitions": 3}, "no partition-id"),
+        ({"partition-id": 0, "data-path": "d.npz"}, "bundle"),
+    ],
+)
+def test_bad_node_config_names_the_key(node_config, message):
+    with pytest.raises(ConfigError, match=message):
+        flwr_app.NodeSettings.parse(node_config)
+
+
+def context(node_config, overrides=OVERRIDES):
+    return Context(
+        run_id=7,
+        node_id=99,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config={"overrides": overrides},
+    )
+
+
+def query(node_config, overrides=OVERRIDES):
+    msg = Message(RecordDict(), dst_node_id=99, message_type=QUERY)
+    return flwr_app.client_app(msg, context(node_config, overrides))
+
+
+def test_flwr_app_node_with_its_own_data_answers_the_handshake(cfg, bundle, tmp_path):
+    data = shard_npz(cfg, 1, tmp_path / "device.npz")
+    node = {"partition-id": 1, "data-path": str(data), "bundle": str(bundle)}
+    node["state-dir"] = str(tmp_path / "state")
+    reply = query(node)
+    assert not reply.has_error()
+    assert reply.content.metric_records[METRICS]["partition-id"] == 1
+    assert reply.content.metric_records[METRICS]["num-examples"] == len(np.load(data)["y"])
+    assert reply.content.config_records[INFO]["proxy-digest"] == federated_data(cfg).proxy_digest
+    assert flwr_app.node_cfg(context(node))["simulation"]["client_state_dir"].endswith("run-7")
+
+
+@pytest.mark.parametrize(
+    "node_config, message",
+    [
+        ({"partition-id": 1, "data-path": "/nowhere.npz", "bundle": "/b.npz"}, "cannot read"),
+        ({"partition-id": 5}, "outside 0..2"),
+        ({"partition-id": 1, "num-partitions": 2}, "num-partitions=2"),
+    ],
+)
+def test_flwr_app_node_with_bad_data_or_settings_fails_its_handshake(node_config, message):
+    # Flower returns the exception to the server as an error reply for this node
+    with pytest.raises(Exception, match=message):
+        query(node_config)
+
+
+def test_flwr_app_run_config_errors_name_the_override():
+    with pytest.raises(FedKDError, match="strategy='nope' is not allowed"):
+        query({"partition-id": 0}, overrides="strategy=nope")
+
+
+def test_deploy_certs_and_keys_are_what_flower_loads(tmp_path, capsys):
+    from cryptography import x509
+    from flwr.cli.supernode.register import try_load_public_key
+
+    deploy.main(["certs", str(tmp_path / "certs"), "--host", "10.0.0.5", "--host", "link.lan"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["link.lan"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    deploy.main(["keys", str(tmp_path / "keys"), "--nodes", "2"])
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    for i in range(2):
+        assert try_load_public_key(tmp_path / "keys" / f"node-{i}.pub")
+        load_ssh_private_key((tmp_path / "keys" / f"node-{i}").read_bytes(), None)
+    before = (tmp_path / "keys" / "node-0").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        deploy.main(["keys", str(tmp_path / "keys"), "--nodes", "1"])
+    assert exit_info.value.code == 2
+    assert "node-0 exists" in capsys.readouterr().err
+    assert (tmp_path / "keys" / "node-0").read_bytes() == before  # nothing overwritten
