@@ -3,6 +3,8 @@
     fedkd-deploy certs  DIR [--host NAME ...]   # CA + SuperLink TLS certificate
     fedkd-deploy keys   DIR --nodes N           # SuperNode authentication key pairs
     fedkd-deploy bundle FILE [OVERRIDE ...]     # the proxy bundle devices load
+    fedkd-deploy shard  FILE --partition I [OVERRIDE ...]  # a partition as device data
+    fedkd-deploy footprint [OVERRIDE ...]       # a device's time and memory per round
 
 README.md ("Deploy on devices") shows the whole sequence: these files, then
 `flower-superlink`, `flwr supernode register`, `flower-supernode` and `flwr run`.
@@ -140,6 +142,38 @@ def make_bundle(path: Path, overrides: list[str]) -> Path:
     return path
 
 
+def make_shard(path: Path, partition: int, overrides: list[str]) -> Path:
+    from fedkd.config import compose_config
+    from fedkd.data.device import write_shard
+
+    if path.exists():
+        raise FedKDError(f"{path} exists; remove it or pick another file")
+    n = write_shard(compose_config(overrides), partition, path)
+    print(f"{path}: partition {partition}, {n} labelled images")
+    return path
+
+
+def footprint(overrides: list[str], rounds: int, threads: int, out: Path | None) -> None:
+    import json
+
+    from fedkd.config import compose_config
+    from simulations.footprint import measure
+
+    if rounds < 1 or threads < 1:
+        raise FedKDError(f"--rounds={rounds} --threads={threads}: both must be >= 1")
+    result = measure(compose_config(overrides), rounds=rounds, threads=threads)
+    print(
+        f"student {result['student']}, {result['shard_samples']} private samples, "
+        f"{result['proxy_items']} proxy items, {threads} torch thread(s); "
+        f"RSS after imports {result['rss_after_imports_mb']:.0f} MB"
+    )
+    for r in result["rounds"]:
+        print(f"round {r['round']}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    if out is not None:
+        write_atomic(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+        print(f"wrote {out}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -157,6 +191,15 @@ def parser() -> argparse.ArgumentParser:
     bundle = sub.add_parser("bundle", help="the proxy bundle a device with its own data loads")
     bundle.add_argument("file", type=Path)
     bundle.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedkd-sim")
+    shard = sub.add_parser("shard", help="write one partition as a device's own .npz")
+    shard.add_argument("file", type=Path)
+    shard.add_argument("--partition", type=int, required=True)
+    shard.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedkd-sim")
+    foot = sub.add_parser("footprint", help="time and peak memory of one device's rounds")
+    foot.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedkd-sim")
+    foot.add_argument("--rounds", type=int, default=2)
+    foot.add_argument("--threads", type=int, default=1, help="torch threads on the device")
+    foot.add_argument("--out", type=Path, help="also write the result as JSON")
     return p
 
 
@@ -168,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
             written = make_certs(args.dir, args.host or ["localhost", "127.0.0.1"])
         elif args.command == "keys":
             written = make_node_keys(args.dir, args.nodes)
+        elif args.command == "shard":
+            written = [make_shard(args.file, args.partition, args.overrides)]
+        elif args.command == "footprint":
+            footprint(args.overrides, args.rounds, args.threads, args.out)
+            return
         else:
             written = [make_bundle(args.file, args.overrides)]
         for path in written:

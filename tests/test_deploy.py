@@ -11,7 +11,13 @@ from PIL import Image
 
 from fedkd import app as flwr_app
 from fedkd.config import compose_config
-from fedkd.data.device import device_federated_data, load_bundle, load_device_data, write_bundle
+from fedkd.data.device import (
+    device_federated_data,
+    load_bundle,
+    load_device_data,
+    write_bundle,
+    write_shard,
+)
 from fedkd.data.federated import federated_data
 from fedkd.errors import ConfigError, DataError, FedKDError
 from fedkd.protocol import INFO, METRICS, QUERY
@@ -35,9 +41,7 @@ def bundle(cfg, tmp_path):
 
 
 def shard_npz(cfg, pid, path):
-    data = federated_data(cfg)
-    rows = data.private_index[data.task_shards[0][pid]]
-    np.savez(path, x=data.splits.train.x[rows][:, 0], y=data.splits.train.y[rows])  # (N, H, W)
+    write_shard(cfg, pid, path)
     return path
 
 
@@ -54,11 +58,17 @@ def assert_same_view(a, b, pid):
 def test_device_npz_gives_the_simulated_clients_view(cfg, bundle, tmp_path):
     path = shard_npz(cfg, 1, tmp_path / "device.npz")
     assert_same_view(federated_data(cfg), device_federated_data(cfg, 1, path, bundle), 1)
+    with np.load(path) as z:  # (N, H, W) and (N, H, W, C) images are accepted too
+        np.savez(tmp_path / "hw.npz", x=z["x"][:, 0], y=z["y"])
+        np.savez(tmp_path / "hwc.npz", x=z["x"].transpose(0, 2, 3, 1), y=z["y"])
+    for other in ("hw.npz", "hwc.npz"):
+        device = device_federated_data(cfg, 1, tmp_path / other, bundle)
+        assert_same_view(federated_data(cfg), device, 1)
 
 
 def test_device_image_directory_gives_the_same_view(cfg, bundle, tmp_path):
     with np.load(shard_npz(cfg, 2, tmp_path / "d.npz")) as z:
-        x, y = z["x"], z["y"]
+        x, y = z["x"][:, 0], z["y"]
     for i, (img, label) in enumerate(zip(x, y, strict=True)):
         (tmp_path / "imgs" / str(label)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(tmp_path / "imgs" / str(label) / f"{i:05d}.png")

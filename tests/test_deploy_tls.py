@@ -16,11 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from fedkd.config import compose_config
-from fedkd.data.federated import federated_data
 from fedkd.results import TIMING_FIELDS, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -106,9 +103,8 @@ def test_tls_authenticated_deployment_runs_dsfl_and_refuses_strangers(tmp_path):
     cli(env, "fedkd-deploy", "keys", str(keys), "--nodes", "4")
     bundle = tmp_path / "bundle.npz"
     cli(env, "fedkd-deploy", "bundle", str(bundle), *OVERRIDES.split())
-    data = federated_data(compose_config(OVERRIDES))  # the device's own file: shard 1
-    rows = data.private_index[data.task_shards[0][1]]
-    np.savez(tmp_path / "device1.npz", x=data.splits.train.x[rows], y=data.splits.train.y[rows])
+    device_data = tmp_path / "device1.npz"  # node 1's own file: partition 1
+    cli(env, "fedkd-deploy", "shard", str(device_data), "--partition", "1", *OVERRIDES.split())
 
     port = free_port()
     link = f"127.0.0.1:{port}"
@@ -143,7 +139,7 @@ def test_tls_authenticated_deployment_runs_dsfl_and_refuses_strangers(tmp_path):
         )  # fmt: skip
         supernode(
             "node1", *tls, "--auth-supernode-private-key", str(keys / "node-1"),
-            node_config=f'partition-id=1 data-path="{tmp_path / "device1.npz"}" '
+            node_config=f'partition-id=1 data-path="{device_data}" '
             f'bundle="{bundle}"',
         )  # fmt: skip
         supernode(

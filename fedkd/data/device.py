@@ -65,6 +65,18 @@ def write_bundle(cfg: dict, path: str | Path) -> Bundle:
     return bundle
 
 
+def write_shard(cfg: dict, partition_id: int, path: str | Path) -> int:
+    """Write partition `partition_id` of `cfg`'s data as a device's own .npz (x, y):
+    for trying device data out, and for measuring a device. Returns its size."""
+    data = federated_data(cfg)
+    if not 0 <= partition_id < data.num_clients:
+        raise ConfigError("partition", partition_id, f"0..{data.num_clients - 1}")
+    rows = data.private_index[data.shards[partition_id]]
+    x, y = data.splits.train.x[rows], data.splits.train.y[rows]
+    write_atomic(Path(path), lambda f: np.savez(f, x=x, y=y))
+    return len(y)
+
+
 def load_bundle(path: str | Path) -> Bundle:
     p = Path(path).expanduser()
     try:
