@@ -153,7 +153,9 @@ def make_shard(path: Path, partition: int, overrides: list[str]) -> Path:
     return path
 
 
-def footprint(overrides: list[str], rounds: int, threads: int, out: Path | None) -> None:
+def footprint(
+    overrides: list[str], partition: int, rounds: int, threads: int, out: Path | None
+) -> None:
     import json
 
     from fedkd.config import compose_config
@@ -161,9 +163,11 @@ def footprint(overrides: list[str], rounds: int, threads: int, out: Path | None)
 
     if rounds < 1 or threads < 1:
         raise FedKDError(f"--rounds={rounds} --threads={threads}: both must be >= 1")
-    result = measure(compose_config(overrides), rounds=rounds, threads=threads)
+    cfg = compose_config(overrides)
+    result = measure(cfg, partition=partition, rounds=rounds, threads=threads)
     print(
-        f"student {result['student']}, {result['shard_samples']} private samples, "
+        f"student {result['student']}, partition {partition}: "
+        f"{result['shard_samples']} private samples, "
         f"{result['proxy_items']} proxy items, {threads} torch thread(s); "
         f"RSS after imports {result['rss_after_imports_mb']:.0f} MB"
     )
@@ -197,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
     shard.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedkd-sim")
     foot = sub.add_parser("footprint", help="time and peak memory of one device's rounds")
     foot.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedkd-sim")
+    foot.add_argument("--partition", type=int, default=0, help="the device's partition")
     foot.add_argument("--rounds", type=int, default=2)
     foot.add_argument("--threads", type=int, default=1, help="torch threads on the device")
     foot.add_argument("--out", type=Path, help="also write the result as JSON")
@@ -204,7 +209,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    # Hydra overrides may follow options (`shard FILE --partition 1 num_clients=2`),
+    # which argparse leaves over; anything else left over is an error.
+    args, extra = p.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") for x in extra)):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
 
     def run() -> None:
         if args.command == "certs":
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "shard":
             written = [make_shard(args.file, args.partition, args.overrides)]
         elif args.command == "footprint":
-            footprint(args.overrides, args.rounds, args.threads, args.out)
+            footprint(args.overrides, args.partition, args.rounds, args.threads, args.out)
             return
         else:
             written = [make_bundle(args.file, args.overrides)]

@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-PID = 0
-
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory. Linux's VmHWM starts afresh at exec;
@@ -30,7 +28,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _device(conn, cfg: dict, threads: int) -> None:
+def _device(conn, cfg: dict, pid: int, threads: int) -> None:
     """The device process: answer (round, download) requests with replies."""
     import torch
 
@@ -40,12 +38,12 @@ def _device(conn, cfg: dict, threads: int) -> None:
     conn.send(peak_rss_mb())  # after imports
     while (request := conn.recv()) is not None:
         start = time.perf_counter()
-        reply = client_reply(cfg, PID, request)
+        reply = client_reply(cfg, pid, request)
         seconds = time.perf_counter() - start
         conn.send((reply, seconds, peak_rss_mb()))
 
 
-def measure(cfg: dict, rounds: int = 2, threads: int = 1) -> dict[str, Any]:
+def measure(cfg: dict, partition: int = 0, rounds: int = 2, threads: int = 1) -> dict[str, Any]:
     from fedkd.data.device import write_bundle, write_shard
     from fedkd.data.federated import federated_data
     from strategies import ServerContext, build_strategy
@@ -53,13 +51,13 @@ def measure(cfg: dict, rounds: int = 2, threads: int = 1) -> dict[str, Any]:
     data = federated_data(cfg)
     with tempfile.TemporaryDirectory(prefix="fedkd-footprint-") as tmp:
         work = Path(tmp)
-        samples = write_shard(cfg, PID, work / "shard.npz")
+        samples = write_shard(cfg, partition, work / "shard.npz")
         write_bundle(cfg, work / "bundle.npz")
         device_cfg = {
             **cfg,
             "simulation": {**cfg["simulation"], "client_state_dir": str(work / "state")},
             "node": {
-                "partition-id": PID,
+                "partition-id": partition,
                 "data-path": str(work / "shard.npz"),
                 "bundle": str(work / "bundle.npz"),
             },
@@ -67,10 +65,12 @@ def measure(cfg: dict, rounds: int = 2, threads: int = 1) -> dict[str, Any]:
         server_cfg = {**cfg, "output": {**cfg["output"], "checkpoint": False}}
         strategy = build_strategy(server_cfg)
         strategy.setup(ServerContext(cfg=server_cfg, data=data, device="cpu", out_dir=work))
-        strategy.connect({PID: PID})
+        strategy.connect({partition: partition})
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_device, args=(child, device_cfg, threads), daemon=True)
+        proc = ctx.Process(
+            target=_device, args=(child, device_cfg, partition, threads), daemon=True
+        )
         proc.start()
         idle_mb = parent.recv()
         per_round = []
@@ -87,6 +87,7 @@ def measure(cfg: dict, rounds: int = 2, threads: int = 1) -> dict[str, Any]:
             proc.join(timeout=30)
     return {
         "student": cfg["model"]["student"],
+        "partition": partition,
         "shard_samples": samples,
         "proxy_items": len(data.proxy_index),
         "torch_threads": threads,

@@ -209,3 +209,13 @@ def test_deploy_certs_and_keys_are_what_flower_loads(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "node-0 exists" in capsys.readouterr().err
     assert (tmp_path / "keys" / "node-0").read_bytes() == before  # nothing overwritten
+
+
+def test_deploy_shard_takes_overrides_after_options(tmp_path, capsys):
+    deploy.main(["shard", str(tmp_path / "d.npz"), "--partition", "1", *TINY])
+    with np.load(tmp_path / "d.npz") as z:
+        assert len(z["y"]) == len(federated_data(compose_config(OVERRIDES)).shards[1])
+    with pytest.raises(SystemExit) as exit_info:
+        deploy.main(["shard", str(tmp_path / "e.npz"), "--partition", "1", "--bogus"])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "e.npz").exists()
