@@ -46,6 +46,7 @@ def _device(conn, cfg: dict, pid: int, threads: int) -> None:
 def measure(cfg: dict, partition: int = 0, rounds: int = 2, threads: int = 1) -> dict[str, Any]:
     from fedkd.data.device import write_bundle, write_shard
     from fedkd.data.federated import federated_data
+    from fedkd.protocol import TEACHER
     from strategies import ServerContext, build_strategy
 
     data = federated_data(cfg)
@@ -81,7 +82,14 @@ def measure(cfg: dict, partition: int = 0, rounds: int = 2, threads: int = 1) ->
                 reply, seconds, peak = parent.recv()
                 replies = [strategy.parse_reply(pid, reply)]
                 strategy.conclude(rnd, replies, failed=0, rejected=0, late=0, bytes_up=0)
-                per_round.append({"round": rnd, "seconds": seconds, "peak_rss_mb": peak})
+                per_round.append(
+                    {
+                        "round": rnd,
+                        "seconds": seconds,
+                        "peak_rss_mb": peak,
+                        "teacher_labels": TEACHER in content.array_records,
+                    }
+                )
         finally:
             parent.send(None)
             proc.join(timeout=30)

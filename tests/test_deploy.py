@@ -219,3 +219,15 @@ def test_deploy_shard_takes_overrides_after_options(tmp_path, capsys):
         deploy.main(["shard", str(tmp_path / "e.npz"), "--partition", "1", "--bogus"])
     assert exit_info.value.code == 2
     assert not (tmp_path / "e.npz").exists()
+
+
+def test_footprint_runs_a_device_process_with_real_teacher_labels(cfg):
+    from simulations.footprint import measure
+
+    result = measure(cfg, partition=1, rounds=2, threads=1)
+    assert result["shard_samples"] == len(federated_data(cfg).shards[1])
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert [r["teacher_labels"] for r in result["rounds"]] == [False, True]  # dsfl
+    for r in result["rounds"]:
+        assert r["seconds"] > 0
+        assert r["peak_rss_mb"] >= result["rss_after_imports_mb"] > 0
