@@ -57,15 +57,15 @@ def server_main(grid: Grid, context: Context) -> None:
 
     try:
         cfg = run_cfg(_overrides(context))
+        out = Path(str(context.run_config.get("out-dir") or DEFAULT_OUT_DIR))
+        out = (out / f"run-{context.run_id}").resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        log.warning("fedkd: run %s writes its results to %s", context.run_id, out)
+        run_server(grid, cfg, out)
     except FedKDError as exc:
-        log.error("fedkd: %s", exc)  # one line in the SuperLink's log, no traceback
+        log.error("fedkd: %s", exc)  # one line in the run's log, no traceback
         raise SystemExit(2) from None
-    out = Path(str(context.run_config.get("out-dir") or DEFAULT_OUT_DIR))
-    out = (out / f"run-{context.run_id}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    log.warning("fedkd: run %s writes its results to %s", context.run_id, out)
-    run_server(grid, cfg, out)
 
 
 # ---------------------------------------------------------------------------- client

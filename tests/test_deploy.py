@@ -231,3 +231,18 @@ def test_footprint_runs_a_device_process_with_real_teacher_labels(cfg):
     for r in result["rounds"]:
         assert r["seconds"] > 0
         assert r["peak_rss_mb"] >= result["rss_after_imports_mb"] > 0
+
+
+def test_flwr_server_app_reports_a_bad_override_in_one_line(caplog, tmp_path):
+    ctx = Context(
+        run_id=3,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"overrides": "rounds=0", "out-dir": str(tmp_path)},
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        flwr_app.server_main(None, ctx)
+    assert exit_info.value.code == 2
+    assert "fedkd: rounds=0 is not allowed: an integer >= 1" in caplog.text
+    assert not list(tmp_path.iterdir())  # nothing written for a run that never started
