@@ -246,11 +246,13 @@ class FederatedStrategy(Strategy):
         target: torch.Tensor,
         rnd: int,
         optimizer: torch.optim.Optimizer | None = None,
+        x: torch.Tensor | None = None,
     ) -> float:
-        """Distill `model` toward `target` on the round's proxy subset (plus the
-        mitigation's remembered items, if any)."""
+        """Distill `model` toward `target` on the round's proxy subset, or on `x`
+        (plus the mitigation's remembered items, if any)."""
         kd = self.cfg["distill"]
-        x, t, w = self.mitigation.teacher_batch(self, self.round_proxy_x, target)
+        x = self.round_proxy_x if x is None else x
+        x, t, w = self.mitigation.teacher_batch(self, x, target)
         return distill_to_targets(
             model,
             x,

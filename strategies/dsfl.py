@@ -22,8 +22,9 @@ class DSFL(SoftLabelStrategy):
         weighted: bool = False,
         aggregator: str = "mean",
         trim_fraction: float = 0.2,
+        label_memory: bool = False,
     ) -> None:
-        super().__init__(cfg, codec, weighted, aggregator, trim_fraction)
+        super().__init__(cfg, codec, weighted, aggregator, trim_fraction, label_memory)
         if era_temperature <= 0:
             raise ConfigError("strategy.era_temperature", era_temperature, "a number > 0")
         self.era_temperature = float(era_temperature)

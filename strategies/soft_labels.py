@@ -5,6 +5,11 @@ round's proxy subset, collects the clients' logits on the same subset, turns the
 into target probabilities with `aggregate_knowledge` (the one method a subclass
 writes) and distills the teacher toward them. Round 1 sends no soft labels: an
 untrained teacher has nothing to teach.
+
+With `label_memory` the server remembers the latest target of every proxy item it
+has received, and distills the teacher on all of them each round, not only on the
+round's subset: a small subset per round (few bytes) still teaches the teacher the
+whole proxy set over the rounds, at no extra cost on the wire.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class SoftLabelStrategy(FederatedStrategy):
         weighted: bool = False,
         aggregator: str = "mean",
         trim_fraction: float = 0.2,
+        label_memory: bool = False,
     ) -> None:
         super().__init__(cfg)
         if codec not in CODECS:
@@ -64,6 +70,13 @@ class SoftLabelStrategy(FederatedStrategy):
             )
         if not 0 <= trim_fraction < 0.5:
             raise ConfigError("strategy.trim_fraction", trim_fraction, "a number in [0, 0.5)")
+        if label_memory and cfg["lifelong"]["name"] != "none":
+            raise ConfigError(
+                "strategy.label_memory",
+                label_memory,
+                "false with lifelong streams (use lifelong.mitigation=teacher_memory)",
+            )
+        self.label_memory = bool(label_memory)
         self.codec = codec
         self.weighted = weighted  # weight clients by num-examples when aggregating
         self.aggregator = aggregator
@@ -99,6 +112,9 @@ class SoftLabelStrategy(FederatedStrategy):
         self.optimizer = torch.optim.Adam(
             self.teacher.parameters(), lr=float(self.cfg["distill"]["server_lr"])
         )
+        # label_memory: the latest target per proxy item; NaN rows: none received yet
+        n, c = len(self.data.proxy_index), self.data.num_classes
+        self.memory = torch.full((n, c), float("nan")) if self.label_memory else None
 
     @property
     def server_model(self) -> nn.Module:
@@ -131,7 +147,16 @@ class SoftLabelStrategy(FederatedStrategy):
             logits, weights = mean.unsqueeze(0), None
             self.dp_rounds += 1
         target = self.aggregate_knowledge(logits, weights)
-        loss = self.distill_server_model(self.teacher, target, rnd, self.optimizer)
+        if self.memory is None:
+            loss = self.distill_server_model(self.teacher, target, rnd, self.optimizer)
+        else:
+            rows, _ = self.data.proxy_items(self.ledger.segments)
+            self.memory[torch.from_numpy(rows)] = target.float().cpu()
+            known = torch.nonzero(~self.memory[:, 0].isnan()).squeeze(1)
+            x = self.data.proxy_x[known]
+            loss = self.distill_server_model(
+                self.teacher, self.memory[known], rnd, self.optimizer, x=x
+            )
         self.teacher_ready = True
         stats = {"teacher_loss": loss, "target_entropy": float(entropy(target))}
         return encode(target, "float32", SOFT_LABELS, kind="probs"), stats
@@ -141,9 +166,11 @@ class SoftLabelStrategy(FederatedStrategy):
             "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "teacher_ready": self.teacher_ready,
+            "memory": self.memory,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.teacher_ready = bool(state["teacher_ready"])
+        self.memory = state.get("memory")

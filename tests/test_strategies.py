@@ -259,3 +259,39 @@ def test_feddf_distills_the_average_toward_the_ensemble(plain_cfg, tmp_path):
     )
     assert metrics["replies"] == 3
     assert metrics["distill_val_loss"] <= metrics["distill_val_loss_start"]
+
+
+def test_label_memory_keeps_every_item_received_and_distills_on_all(plain_cfg, tmp_path):
+    s = make_strategy(
+        plain_cfg, tmp_path, "strategy=dsfl", "strategy.label_memory=true", "proxy.subset_size=40"
+    )
+    seen = set()
+    for rnd in (1, 2):
+        msgs = instructions(s, rnd)
+        rows, _ = s.data.proxy_items(s.ledger.segments)
+        seen |= set(rows.tolist())
+        logits = [rand_logits(s, 10 * rnd + i) for i in range(3)]
+        target, _ = s.aggregate_train(
+            rnd, [logits_reply(m, z) for m, z in zip(msgs, logits, strict=True)]
+        )
+        known = ~s.memory[:, 0].isnan()
+        assert set(torch.nonzero(known).squeeze(1).tolist()) == seen
+        latest = torch.from_numpy(target[SOFT_LABELS].numpy())
+        assert torch.allclose(s.memory[torch.from_numpy(rows)], latest)  # the newest target
+    assert 40 < len(seen) <= 80  # two random subsets of 40 out of 120
+    restored = make_strategy(
+        plain_cfg, tmp_path, "strategy=dsfl", "strategy.label_memory=true", "proxy.subset_size=40"
+    )
+    restored.load_state_dict(s.state_dict())
+    assert torch.equal(restored.memory.nan_to_num(-1), s.memory.nan_to_num(-1))
+
+
+def test_label_memory_is_refused_with_lifelong_streams(tiny_cfg):
+    from fedkd.config import validate
+    from fedkd.errors import ConfigError
+
+    cfg = tiny_cfg(
+        "strategy=dsfl", "strategy.label_memory=true", "lifelong=class_incremental", "rounds=20"
+    )
+    with pytest.raises(ConfigError, match=r"strategy\.label_memory"):
+        validate(cfg)
