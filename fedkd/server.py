@@ -24,6 +24,7 @@ from fedkd.resources import visible_gpus
 from fedkd.results.progress import RoundProgress
 from fedkd.results.recorder import RunRecorder
 from strategies import ServerContext, build_strategy
+from strategies.base import error_summary
 
 log = logging.getLogger("fedkd.server")
 
@@ -64,9 +65,9 @@ def discover_partitions(
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
             log.warning(
-                "node %s did not answer the handshake: %s",
+                "node %s failed the handshake and is left out: %s",
                 reply.metadata.src_node_id,
-                reply.error.reason[:300],
+                error_summary(reply.error.reason),
             )
             continue
         pid = int(reply.content.metric_records[METRICS]["partition-id"])

@@ -168,7 +168,7 @@ def test_tls_authenticated_deployment_runs_dsfl_and_refuses_strangers(tmp_path):
         wait_until(lambda: online_nodes(env) == 3, 120, "three admitted SuperNodes")
 
         out = tmp_path / "out"
-        cli(
+        streamed = cli(
             env, "flwr", "run", ".", "--stream",
             "--run-config", f'overrides="{OVERRIDES}" out-dir="{out}"',
             timeout=900,
@@ -176,6 +176,9 @@ def test_tls_authenticated_deployment_runs_dsfl_and_refuses_strangers(tmp_path):
     finally:
         procs.stop_all()
 
+    # the node with missing data: one line in the run's log, and the run went on
+    assert "failed the handshake and is left out" in streamed, streamed[-3000:]
+    assert "missing.npz does not exist" in streamed
     (run,) = out.glob("run-*")
     rows = read_metrics(run)
     assert [r["round"] for r in rows] == [1, 2]
