@@ -23,7 +23,7 @@ from torch import nn
 
 from fedkd import faults
 from fedkd.client_store import ClientStore
-from fedkd.comm.codecs import check, decode, encode
+from fedkd.comm.codecs import check, decode, encode, recode
 from fedkd.data.device import device_federated_data
 from fedkd.data.federated import FederatedData, federated_data
 from fedkd.mitigations import ClientRound, build_mitigation
@@ -326,8 +326,7 @@ def handle_train(cfg: dict, message: Message, context: Context) -> Message:
         pid,
         content,
         KNOWLEDGE if logits else WEIGHTS,
-        decode_logits=(lambda r: decode(r, LOGITS, plan.codec, shape)) if logits else None,
-        encode_logits=lambda v: encode(v, plan.codec, LOGITS, kind="logits"),
+        (lambda rec, fn: recode(rec, plan.codec, shape, fn)) if logits else None,
     )
     return Message(content, reply_to=message)
 

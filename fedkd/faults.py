@@ -99,18 +99,19 @@ def corrupt_reply(cfg: dict, rnd: int, pid: int, content: RecordDict, key: str) 
 
 
 def after_round(
-    cfg: dict, rnd: int, pid: int, content: RecordDict, key: str, decode_logits, encode_logits
+    cfg: dict, rnd: int, pid: int, content: RecordDict, key: str, recode_logits
 ) -> None:
     """Turn an adversary's knowledge hostile, or corrupt the reply, in place.
 
-    `decode_logits` / `encode_logits` read and write the reply's codec; None for
-    replies that carry weights, which adversaries leave alone."""
+    `recode_logits(record, transform)` rewrites the logits in the reply's codec (see
+    comm.codecs.recode); None for replies that carry weights, which adversaries leave
+    alone."""
     f = cfg["faults"]
-    if decode_logits is not None and key in content.array_records and pid in adversaries(cfg):
-        logits = decode_logits(content.array_records[key])
+    if recode_logits is not None and key in content.array_records and pid in adversaries(cfg):
         seed = derive_seed(cfg["seed"], rnd, pid, "adversary")
-        content.array_records[key] = encode_logits(
-            hostile_logits(logits, f["adversarial_mode"], seed)
+        content.array_records[key] = recode_logits(
+            content.array_records[key],
+            lambda logits: hostile_logits(logits, f["adversarial_mode"], seed),
         )
     if round_fault(cfg, rnd, pid) == CORRUPT:
         corrupt_reply(cfg, rnd, pid, content, key)

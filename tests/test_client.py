@@ -135,3 +135,21 @@ def test_query_reports_the_partition(plain_cfg):
     msg = Message(RecordDict(), dst_node_id=12, message_type=QUERY)
     reply = app(msg, context(2))
     assert reply.content.metric_records[METRICS]["partition-id"] == 2
+
+
+def test_adversary_and_upload_clipping_rewrite_the_reply_in_its_codec(plain_cfg):
+    honest_cfg = plain_cfg()
+    honest = call(build_client_app(honest_cfg), honest_cfg, 1, plan(honest_cfg, 1))
+    honest_logits = honest.content.array_records[KNOWLEDGE][LOGITS].numpy()
+
+    cfg = plain_cfg("faults.adversarial_fraction=1.0", "faults.adversarial_mode=flipped")
+    client_runtime(cfg).store.clear()
+    flipped = call(build_client_app(cfg), cfg, 1, plan(cfg, 1))
+    logits = flipped.content.array_records[KNOWLEDGE][LOGITS].numpy()
+    assert logits.dtype == np.float16 and np.array_equal(logits, -honest_logits)
+
+    cfg = plain_cfg("strategy=fedmd", "privacy=client", "privacy.clip_norm=0.5")
+    client_runtime(cfg).store.clear()
+    clipped = call(build_client_app(cfg), cfg, 1, plan(cfg, 1))
+    logits = clipped.content.array_records[KNOWLEDGE][LOGITS].numpy().astype(np.float32)
+    assert np.linalg.norm(logits, axis=1).max() <= 0.5 * (1 + 1e-3)  # float16 rounding

@@ -19,12 +19,13 @@ what the records carry.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedkd.protocol import InvalidReply, check_array
+from fedkd.protocol import LOGITS, InvalidReply, check_array
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 SMOOTHING = 0.05  # mass spread over the other classes when decoding a 1-bit label
@@ -127,6 +128,17 @@ def decode(
 ) -> torch.Tensor:
     """Back to float32 (n, C). Check the record first: decoding trusts it."""
     return CODECS[codec].decode(record, key, shape, kind)
+
+
+def recode(
+    record: ArrayRecord,
+    codec: str,
+    shape: tuple[int, int],
+    transform: Callable[[torch.Tensor], torch.Tensor],
+) -> ArrayRecord:
+    """Decode an upload's logits, transform them, encode them again with its codec
+    (what a client-side mod or an injected fault does to a reply)."""
+    return encode(transform(decode(record, LOGITS, codec, shape)), codec, LOGITS)
 
 
 def payload_bytes(record: ArrayRecord | None) -> int:

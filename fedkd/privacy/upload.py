@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from flwr.app import Context, Message
 
-from fedkd.comm.codecs import decode, encode
-from fedkd.protocol import CONFIG, KNOWLEDGE, LOGITS, REPLY_LOGITS, RoundPlan
+from fedkd.comm.codecs import recode
+from fedkd.protocol import CONFIG, KNOWLEDGE, REPLY_LOGITS, RoundPlan
 
 
 def clip_rows(values: torch.Tensor, clip_norm: float) -> torch.Tensor:
@@ -50,8 +50,9 @@ def clip_upload_mod(clip_norm: float, num_classes: Callable[[], int]) -> Callabl
         if plan.reply != REPLY_LOGITS or KNOWLEDGE not in records:
             return reply
         shape = (plan.proxy_count, num_classes())
-        logits = decode(records[KNOWLEDGE], LOGITS, plan.codec, shape)
-        records[KNOWLEDGE] = encode(clip_rows(logits, clip_norm), plan.codec, LOGITS)
+        records[KNOWLEDGE] = recode(
+            records[KNOWLEDGE], plan.codec, shape, lambda v: clip_rows(v, clip_norm)
+        )
         return reply
 
     return mod
