@@ -96,7 +96,9 @@ def online_nodes(env: dict[str, str]) -> int:
 
 
 def test_tls_authenticated_deployment_runs_dsfl_and_refuses_strangers(tmp_path):
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr")}
+    # Flower's processes start their helpers (flower-superexec, flwr-serverapp) by name
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": path}
     certs, keys = tmp_path / "certs", tmp_path / "keys"
     cli(env, "fedkd-deploy", "certs", str(certs))
     cli(env, "fedkd-deploy", "certs", str(tmp_path / "other-ca"))
