@@ -10,6 +10,7 @@ says where its data is (see `NodeSettings`); results go to `out-dir` on the serv
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -74,7 +75,8 @@ class NodeSettings:
     """A SuperNode's `--node-config`.
 
     partition-id    this node's id in the federation (0..num_clients-1); required
-    num-partitions  checked against the run's num_clients when given
+    num-partitions  checked against the run's num_clients when given (by the
+                    handshake, fedkd.client.handle_query, as in simulation)
     data-path       the device's own data (.npz with x and y, or a directory of
                     class sub-directories); without it, the node holds partition
                     `partition-id` of the configured built-in dataset
@@ -83,7 +85,6 @@ class NodeSettings:
     """
 
     partition_id: int
-    num_partitions: int | None
     data_path: str
     bundle: str
     state_dir: str
@@ -99,9 +100,6 @@ class NodeSettings:
             raise ConfigError("node config", "no partition-id", "partition-id=<0..N-1>")
         settings = cls(
             partition_id=int(node_config["partition-id"]),
-            num_partitions=(
-                int(node_config["num-partitions"]) if "num-partitions" in node_config else None
-            ),
             data_path=str(node_config.get("data-path", "")),
             bundle=str(node_config.get("bundle", "")),
             state_dir=str(node_config.get("state-dir", DEFAULT_STATE_DIR)),
@@ -133,8 +131,6 @@ def node_cfg(context: Context) -> dict[str, Any]:
 
 @lru_cache(maxsize=4)
 def _client_app(cfg_key: str) -> ClientApp:
-    import json
-
     import torch
 
     from fedkd.client import build_client_app
@@ -146,8 +142,6 @@ def _client_app(cfg_key: str) -> ClientApp:
 
 
 def _delegate(message: Message, context: Context) -> Message:
-    import json
-
     return _client_app(json.dumps(node_cfg(context), sort_keys=True))(message, context)
 
 

@@ -156,9 +156,8 @@ def make_shard(path: Path, partition: int, overrides: list[str]) -> Path:
 def footprint(
     overrides: list[str], partition: int, rounds: int, threads: int, out: Path | None
 ) -> None:
-    import json
-
     from fedkd.config import compose_config
+    from fedkd.results.recorder import write_json_atomic
     from simulations.footprint import measure
 
     if rounds < 1 or threads < 1:
@@ -174,7 +173,7 @@ def footprint(
     for r in result["rounds"]:
         print(f"round {r['round']}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
     if out is not None:
-        write_atomic(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+        write_json_atomic(out, result)
         print(f"wrote {out}")
 
 

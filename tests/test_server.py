@@ -63,32 +63,26 @@ def test_missing_nodes_time_out_with_a_clear_error():
         wait_for_nodes(grid, 3, timeout=0.3)
 
 
+def handshake(grid: FakeGrid) -> dict[int, int]:
+    """The partition handshake with every node of `grid`, which holds the server's
+    proxy set (DIGEST) unless `other_proxy` says otherwise."""
+    nodes = list(grid.partitions)
+    return discover_partitions(grid, nodes, len(nodes), timeout=5, proxy_digest=DIGEST)
+
+
 def test_handshake_maps_nodes_to_partitions():
-    grid = FakeGrid({11: 2, 12: 0, 13: 1})
-    assert discover_partitions(grid, [11, 12, 13], 3, timeout=5, proxy_digest=DIGEST) == {
-        11: 2,
-        12: 0,
-        13: 1,
-    }
+    assert handshake(FakeGrid({11: 2, 12: 0, 13: 1})) == {11: 2, 12: 0, 13: 1}
 
 
 def test_handshake_tolerates_a_silent_node_and_refuses_duplicates(caplog):
-    grid = FakeGrid({11: 0, 12: 1, 13: 2}, broken={12})
-    assert discover_partitions(grid, [11, 12, 13], 3, timeout=5, proxy_digest=DIGEST) == {
-        11: 0,
-        13: 2,
-    }
+    assert handshake(FakeGrid({11: 0, 12: 1, 13: 2}, broken={12})) == {11: 0, 13: 2}
     assert "failed the handshake and is left out: boom" in caplog.text
     with pytest.raises(FederationError, match="two nodes claim partition 0"):
-        discover_partitions(FakeGrid({11: 0, 12: 0}), [11, 12], 2, timeout=5, proxy_digest=DIGEST)
+        handshake(FakeGrid({11: 0, 12: 0}))
 
 
 def test_handshake_leaves_out_a_node_with_another_proxy_set(caplog):
-    grid = FakeGrid({11: 0, 12: 1, 13: 2}, other_proxy={13})
-    assert discover_partitions(grid, [11, 12, 13], 3, timeout=5, proxy_digest=DIGEST) == {
-        11: 0,
-        12: 1,
-    }
+    assert handshake(FakeGrid({11: 0, 12: 1, 13: 2}, other_proxy={13})) == {11: 0, 12: 1}
     assert "holds another proxy set" in caplog.text
 
 

@@ -43,13 +43,18 @@ class Bundle:
         return tuple(self.proxy_x.shape[1:])  # type: ignore[return-value]
 
 
-def write_bundle(cfg: dict, path: str | Path) -> Bundle:
-    """Write the proxy set, test split and normalisation of `cfg`'s data to `path`."""
-    data = federated_data(cfg)
-    if data.stream.lifelong:
+def require_static(cfg: dict) -> None:
+    """Device data and bundles hold one static task: no lifelong streams."""
+    if cfg["lifelong"]["name"] != "none":
         raise ConfigError(
             "lifelong.name", cfg["lifelong"]["name"], "none (device data holds one static task)"
         )
+
+
+def write_bundle(cfg: dict, path: str | Path) -> Bundle:
+    """Write the proxy set, test split and normalisation of `cfg`'s data to `path`."""
+    require_static(cfg)
+    data = federated_data(cfg)
     mean, std = data.channel_stats
     bundle = Bundle(
         proxy_x=data.splits.train.x[data.proxy_index],
@@ -184,10 +189,7 @@ def device_federated_data(
 ) -> FederatedData:
     """The federated view from one device: its own data as partition `partition_id`
     (every other shard empty), the bundle's proxy and test sets and normalisation."""
-    if cfg["lifelong"]["name"] != "none":
-        raise ConfigError(
-            "lifelong.name", cfg["lifelong"]["name"], "none (device data holds one static task)"
-        )
+    require_static(cfg)
     bundle = load_bundle(bundle_path)
     x, y = load_device_data(data_path, bundle.input_shape, bundle.num_classes)
     n_proxy = len(bundle.proxy_x)
