@@ -26,7 +26,6 @@ from fedkd.client_store import ClientStore
 from fedkd.comm.codecs import check, decode, encode, recode
 from fedkd.data.device import device_federated_data
 from fedkd.data.federated import FederatedData, federated_data
-from fedkd.label_memory import new_memory, recall, remember
 from fedkd.mitigations import ClientRound, build_mitigation
 from fedkd.models import create_model
 from fedkd.privacy import gaussian_epsilon
@@ -182,9 +181,6 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
         except InvalidReply as exc:
             raise ValueError(f"malformed teacher soft labels from the server: {exc}") from None
         teacher_probs = decode(arrays[TEACHER], SOFT_LABELS, plan.codec, shape, kind="probs")
-    kd_x, kd_probs = proxy_x, teacher_probs  # what the student distills on
-    if plan.label_memory and teacher_probs is not None:
-        kd_x, kd_probs = recall_teacher_labels(state, data, plan, teacher_probs)
 
     hp = LocalTraining(
         epochs=plan.epochs,
@@ -198,13 +194,13 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
     gen = torch_generator(cfg["seed"], plan.round, pid, "local-train")
     x, y = data.client_data(pid, plan.task)
     previous = state.get("task")
-    if plan.role == ROLE_REVIEW and kd_probs is not None:
+    if plan.role == ROLE_REVIEW and teacher_probs is not None:
         # review: distill what the federation knew, on public data only
         opt = torch.optim.SGD(student.parameters(), lr=hp.lr, momentum=hp.momentum)
         loss = distill_to_targets(
             student,
-            kd_x,
-            kd_probs,
+            proxy_x,
+            teacher_probs,
             temperature=hp.temperature,
             epochs=hp.epochs,
             lr=hp.lr,
@@ -232,7 +228,7 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
         metrics.update(extras.info)
         if cfg["privacy"]["mode"] == "sample":
             loss = train_private(
-                cfg, student, extras.x, extras.y, hp, gen, state, kd_x, kd_probs, runtime
+                cfg, student, extras.x, extras.y, hp, gen, state, proxy_x, teacher_probs, runtime
             )
         else:
             loss = train_student(
@@ -241,8 +237,8 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
                 extras.y,
                 hp,
                 gen,
-                proxy_x=kd_x,
-                teacher_probs=kd_probs,
+                proxy_x=proxy_x,
+                teacher_probs=teacher_probs,
                 device=runtime.device,
                 private_probs=extras.private_probs,
                 private_weight=extras.private_weight,
@@ -272,18 +268,6 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
     content[METRICS]["compute-seconds"] = time.perf_counter() - started
     content[INFO] = ConfigRecord(worker_info())
     return content
-
-
-def recall_teacher_labels(
-    state: dict, data: FederatedData, plan: RoundPlan, teacher_probs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """label_memory: add the round's teacher labels to the client's memory (kept in
-    its state) and return (inputs, labels) of every proxy item it has labels for."""
-    if "label-memory" not in state:
-        state["label-memory"] = new_memory(len(data.proxy_index), data.num_classes)
-    remember(state["label-memory"], data.proxy_items(list(plan.proxy))[0], teacher_probs)
-    rows, labels = recall(state["label-memory"])
-    return data.proxy_x[rows], labels
 
 
 def train_private(

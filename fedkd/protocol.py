@@ -69,7 +69,6 @@ class RoundPlan:
     weight_decay: float
     alpha: float
     temperature: float
-    label_memory: bool = False  # distill on every proxy item's latest teacher label
 
     def to_record(self) -> ConfigRecord:
         values: dict = {}

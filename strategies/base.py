@@ -204,7 +204,6 @@ class FederatedStrategy(Strategy):
             weight_decay=float(tr["weight_decay"]),
             alpha=float(kd["alpha"]),
             temperature=float(kd["temperature"]),
-            label_memory=bool(getattr(self, "label_memory", False)),
         )
         return self.mitigation.adjust_plan(self, rnd, pid, plan)
 

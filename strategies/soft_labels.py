@@ -6,9 +6,10 @@ into target probabilities with `aggregate_knowledge` (the one method a subclass
 writes) and distills the teacher toward them. Round 1 sends no soft labels: an
 untrained teacher has nothing to teach.
 
-With `label_memory` (fedkd/label_memory.py) the server remembers the latest target
-of every proxy item it has received and distills the teacher on all of them each
-round, and each client does the same with the teacher's soft labels.
+With `label_memory` the server remembers the latest target of every proxy item it
+has received, and distills the teacher on all of them each round, not only on the
+round's subset: a small subset per round (few bytes) still teaches the teacher the
+whole proxy set over the rounds, at no extra cost on the wire.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from torch import nn
 from fedkd.comm.codecs import CODECS, check, decode, encode
 from fedkd.distill import coordinate_median, entropy, mean_logits, trimmed_mean
 from fedkd.errors import ConfigError
-from fedkd.label_memory import new_memory, recall, remember
 from fedkd.models import create_model
 from fedkd.privacy.upload import noisy_mean
 from fedkd.protocol import (
@@ -112,8 +112,9 @@ class SoftLabelStrategy(FederatedStrategy):
         self.optimizer = torch.optim.Adam(
             self.teacher.parameters(), lr=float(self.cfg["distill"]["server_lr"])
         )
+        # label_memory: the latest target per proxy item; NaN rows: none received yet
         n, c = len(self.data.proxy_index), self.data.num_classes
-        self.memory = new_memory(n, c) if self.label_memory else None
+        self.memory = torch.full((n, c), float("nan")) if self.label_memory else None
 
     @property
     def server_model(self) -> nn.Module:
@@ -149,10 +150,13 @@ class SoftLabelStrategy(FederatedStrategy):
         if self.memory is None:
             loss = self.distill_server_model(self.teacher, target, rnd, self.optimizer)
         else:
-            remember(self.memory, self.data.proxy_items(self.ledger.segments)[0], target)
-            rows, labels = recall(self.memory)
-            x = self.data.proxy_x[rows]
-            loss = self.distill_server_model(self.teacher, labels, rnd, self.optimizer, x=x)
+            rows, _ = self.data.proxy_items(self.ledger.segments)
+            self.memory[torch.from_numpy(rows)] = target.float().cpu()
+            known = torch.nonzero(~self.memory[:, 0].isnan()).squeeze(1)
+            x = self.data.proxy_x[known]
+            loss = self.distill_server_model(
+                self.teacher, self.memory[known], rnd, self.optimizer, x=x
+            )
         self.teacher_ready = True
         stats = {"teacher_loss": loss, "target_entropy": float(entropy(target))}
         return encode(target, "float32", SOFT_LABELS, kind="probs"), stats

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -155,33 +153,3 @@ def test_adversary_and_upload_clipping_rewrite_the_reply_in_its_codec(plain_cfg)
     clipped = call(build_client_app(cfg), cfg, 1, plan(cfg, 1))
     logits = clipped.content.array_records[KNOWLEDGE][LOGITS].numpy().astype(np.float32)
     assert np.linalg.norm(logits, axis=1).max() <= 0.5 * (1 + 1e-3)  # float16 rounding
-
-
-def test_label_memory_distills_on_every_teacher_label_received(plain_cfg):
-    cfg = plain_cfg()
-    app = build_client_app(cfg)
-    rt = client_runtime(cfg)
-    c = rt.data.num_classes
-
-    def two_rounds(memory: bool) -> list[np.ndarray]:
-        rt.store.clear()
-        seen, replies = set(), []
-        for rnd in (1, 2):
-            p = replace(plan(cfg, rnd), proxy=(ProxySegment(0, rnd, 40),), label_memory=memory)
-            gen = torch.Generator().manual_seed(rnd)
-            probs = torch.softmax(torch.randn(40, c, generator=gen), 1)
-            sent = {TEACHER: encode(probs, "float16", SOFT_LABELS, kind="probs")}
-            replies.append(call(app, cfg, 0, p, sent).content[KNOWLEDGE][LOGITS].numpy())
-            if memory:
-                rows, _ = rt.data.proxy_items(list(p.proxy))
-                seen |= set(rows.tolist())
-                kept = rt.store.load(0)["label-memory"]
-                assert set(torch.nonzero(~kept[:, 0].isnan()).squeeze(1).tolist()) == seen
-                newest = kept[torch.from_numpy(rows)]
-                assert torch.allclose(newest, probs.half().float())
-        assert not memory or 40 < len(seen) <= 80
-        return replies
-
-    with_memory, without = two_rounds(True), two_rounds(False)
-    assert np.array_equal(with_memory[0], without[0])  # round 1: nothing remembered yet
-    assert not np.array_equal(with_memory[1], without[1])  # round 2: 40 more items
