@@ -173,14 +173,17 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
         student.load_state_dict(arrays[WEIGHTS].to_torch_state_dict())
 
     proxy_x = data.proxy_inputs(list(plan.proxy))
-    teacher_probs = None
+    kd_x, teacher_probs = proxy_x, None  # the student distills on kd_x
     if TEACHER in arrays:
-        shape = (len(proxy_x), data.num_classes)
+        rows = plan.teacher_rows(len(proxy_x))
+        if len(rows) < len(proxy_x):
+            kd_x = proxy_x[torch.from_numpy(rows)]
+        shape = (len(kd_x), data.num_classes)
         try:
-            check(arrays[TEACHER], plan.codec, SOFT_LABELS, shape)
+            check(arrays[TEACHER], plan.teacher_codec, SOFT_LABELS, shape)
         except InvalidReply as exc:
             raise ValueError(f"malformed teacher soft labels from the server: {exc}") from None
-        teacher_probs = decode(arrays[TEACHER], SOFT_LABELS, plan.codec, shape, kind="probs")
+        teacher_probs = decode(arrays[TEACHER], SOFT_LABELS, plan.teacher_codec, shape, "probs")
 
     hp = LocalTraining(
         epochs=plan.epochs,
@@ -199,7 +202,7 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
         opt = torch.optim.SGD(student.parameters(), lr=hp.lr, momentum=hp.momentum)
         loss = distill_to_targets(
             student,
-            proxy_x,
+            kd_x,
             teacher_probs,
             temperature=hp.temperature,
             epochs=hp.epochs,
@@ -228,7 +231,7 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
         metrics.update(extras.info)
         if cfg["privacy"]["mode"] == "sample":
             loss = train_private(
-                cfg, student, extras.x, extras.y, hp, gen, state, proxy_x, teacher_probs, runtime
+                cfg, student, extras.x, extras.y, hp, gen, state, kd_x, teacher_probs, runtime
             )
         else:
             loss = train_student(
@@ -237,7 +240,7 @@ def client_reply(cfg: dict, pid: int, download: RecordDict) -> RecordDict:
                 extras.y,
                 hp,
                 gen,
-                proxy_x=proxy_x,
+                proxy_x=kd_x,
                 teacher_probs=teacher_probs,
                 device=runtime.device,
                 private_probs=extras.private_probs,

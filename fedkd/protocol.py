@@ -69,6 +69,13 @@ class RoundPlan:
     weight_decay: float
     alpha: float
     temperature: float
+    teacher_codec: str = "float16"  # the teacher's soft labels; `codec` is for uploads
+    teacher_count: int = -1  # soft labels on a seeded sample of this many items; -1: all
+    teacher_seed: int = 0
+
+    def teacher_rows(self, n: int) -> np.ndarray:
+        """Which of the round's n proxy items the teacher's soft labels are for."""
+        return download_rows(n, self.teacher_count, self.teacher_seed)
 
     def to_record(self) -> ConfigRecord:
         values: dict = {}
@@ -101,6 +108,11 @@ def proxy_subset(seed: int, pool_size: int, count: int) -> np.ndarray:
     if count >= pool_size:
         return np.arange(pool_size)
     return np.sort(numpy_rng(seed).choice(pool_size, size=count, replace=False))
+
+
+def download_rows(n: int, count: int, seed: int) -> np.ndarray:
+    """A seeded sample of `count` of a round's n proxy items (all of them if count < 0)."""
+    return proxy_subset(seed, n, n if count < 0 else count)
 
 
 class InvalidReply(ValueError):

@@ -23,8 +23,19 @@ class DSFL(SoftLabelStrategy):
         aggregator: str = "mean",
         trim_fraction: float = 0.2,
         label_memory: bool = False,
+        download_codec: str | None = None,
+        download_size: int | None = None,
     ) -> None:
-        super().__init__(cfg, codec, weighted, aggregator, trim_fraction, label_memory)
+        super().__init__(
+            cfg,
+            codec,
+            weighted,
+            aggregator,
+            trim_fraction,
+            label_memory,
+            download_codec,
+            download_size,
+        )
         if era_temperature <= 0:
             raise ConfigError("strategy.era_temperature", era_temperature, "a number > 0")
         self.era_temperature = float(era_temperature)

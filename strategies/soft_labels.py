@@ -10,10 +10,18 @@ With `label_memory` the server remembers the latest target of every proxy item i
 has received, and distills the teacher on all of them each round, not only on the
 round's subset: a small subset per round (few bytes) still teaches the teacher the
 whole proxy set over the rounds, at no extra cost on the wire.
+
+The two directions can be coded apart: `codec` for the clients' uploads and
+`download_codec` for the teacher's soft labels, which `download_size` limits to a
+seeded sample of the round's items. Uploads carry the knowledge the teacher learns
+from, and DS-FL's sharpened average needs little of it (an argmax per client loses
+nothing measurable); downloads carry the teacher's soft labels, which the students
+need as soft labels, but not on every item every round.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,8 +41,10 @@ from fedkd.protocol import (
     TEACHER,
     ClientReply,
     InvalidReply,
+    RoundPlan,
+    download_rows,
 )
-from fedkd.seeding import torch_generator
+from fedkd.seeding import derive_seed, torch_generator
 from fedkd.training import soft_labels
 from strategies.base import FederatedStrategy, ServerContext
 
@@ -52,10 +62,21 @@ class SoftLabelStrategy(FederatedStrategy):
         aggregator: str = "mean",
         trim_fraction: float = 0.2,
         label_memory: bool = False,
+        download_codec: str | None = None,
+        download_size: int | None = None,
     ) -> None:
         super().__init__(cfg)
-        if codec not in CODECS:
-            raise ConfigError("strategy.codec", codec, "one of " + ", ".join(CODECS))
+        for key, value in (("codec", codec), ("download_codec", download_codec or codec)):
+            if value not in CODECS:
+                raise ConfigError(f"strategy.{key}", value, "one of " + ", ".join(CODECS))
+        if download_size is not None and (
+            isinstance(download_size, bool)
+            or not isinstance(download_size, int)
+            or download_size < 1
+        ):
+            raise ConfigError(
+                "strategy.download_size", download_size, "a whole number >= 1, or null (all)"
+            )
         if aggregator not in AGGREGATORS:
             raise ConfigError("strategy.aggregator", aggregator, "one of " + ", ".join(AGGREGATORS))
         if aggregator != "mean" and weighted:
@@ -76,8 +97,12 @@ class SoftLabelStrategy(FederatedStrategy):
                 label_memory,
                 "false with lifelong streams (use lifelong.mitigation=teacher_memory)",
             )
+        if download_size is not None and cfg["lifelong"]["name"] != "none":
+            raise ConfigError("strategy.download_size", download_size, "null with lifelong streams")
         self.label_memory = bool(label_memory)
         self.codec = codec
+        self.download_codec = download_codec or codec
+        self.download_size = download_size
         self.weighted = weighted  # weight clients by num-examples when aggregating
         self.aggregator = aggregator
         self.trim_fraction = float(trim_fraction)
@@ -120,11 +145,22 @@ class SoftLabelStrategy(FederatedStrategy):
     def server_model(self) -> nn.Module:
         return self.teacher
 
+    def download_subset(self, rnd: int) -> dict[str, int]:
+        """The round's teacher_count and teacher_seed (see RoundPlan)."""
+        count = -1 if self.download_size is None else int(self.download_size)
+        return {"teacher_count": count, "teacher_seed": derive_seed(self.seed, rnd, "download")}
+
+    def plan(self, rnd: int, pid: int) -> RoundPlan:
+        return replace(super().plan(rnd, pid), **self.download_subset(rnd))
+
     def broadcast(self, rnd: int) -> dict[str, ArrayRecord]:
         if not self.teacher_ready:
             return {}
-        probs = soft_labels(self.teacher, self.round_proxy_x, self.temperature, device=self.device)
-        return {TEACHER: encode(probs, self.codec, SOFT_LABELS, kind="probs")}
+        sub = self.download_subset(rnd)
+        rows = download_rows(len(self.round_proxy_x), sub["teacher_count"], sub["teacher_seed"])
+        x = self.round_proxy_x[torch.from_numpy(rows)]
+        probs = soft_labels(self.teacher, x, self.temperature, device=self.device)
+        return {TEACHER: encode(probs, self.download_codec, SOFT_LABELS, kind="probs")}
 
     def check_payload(self, content: RecordDict) -> ArrayRecord:
         record = content.array_records.get(KNOWLEDGE)

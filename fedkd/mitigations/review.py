@@ -70,7 +70,7 @@ class Review(Mitigation):
         self.reviewers = {sampled[i] for i in pick}
         tau = float(self.cfg["distill"]["temperature"])
         probs = soft_labels(self.snapshot, strategy.round_proxy_x, tau, device=strategy.device)
-        codec = getattr(strategy, "codec", "float16")
+        codec = getattr(strategy, "download_codec", "float16")
         self.review_labels = encode(probs, codec, SOFT_LABELS, kind="probs")
 
     def adjust_plan(self, strategy, rnd, pid, plan):
