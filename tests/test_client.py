@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from fedkd.client import build_client_app, client_runtime, student_name
-from fedkd.comm.codecs import encode
+from fedkd.comm.codecs import check, encode
 from fedkd.protocol import (
     CONFIG,
     KNOWLEDGE,
@@ -153,3 +155,17 @@ def test_adversary_and_upload_clipping_rewrite_the_reply_in_its_codec(plain_cfg)
     clipped = call(build_client_app(cfg), cfg, 1, plan(cfg, 1))
     logits = clipped.content.array_records[KNOWLEDGE][LOGITS].numpy().astype(np.float32)
     assert np.linalg.norm(logits, axis=1).max() <= 0.5 * (1 + 1e-3)  # float16 rounding
+
+
+def test_teacher_labels_on_a_download_subset_in_their_own_codec(plain_cfg):
+    cfg = plain_cfg()
+    app = build_client_app(cfg)
+    c = client_runtime(cfg).data.num_classes
+    p = replace(plan(cfg, count=60), codec="onebit", teacher_codec="int8", teacher_count=25)
+    probs = torch.softmax(torch.randn(25, c, generator=torch.Generator().manual_seed(0)), 1)
+    sent = {TEACHER: encode(probs, "int8", SOFT_LABELS, kind="probs")}
+    reply = call(app, cfg, 0, p, sent).content.array_records[KNOWLEDGE]
+    check(reply, "onebit", LOGITS, (60, c))  # the upload covers the whole round's subset
+    whole = {TEACHER: encode(torch.full((60, c), 1 / c), "int8", SOFT_LABELS, kind="probs")}
+    with pytest.raises(ValueError, match="malformed teacher soft labels"):
+        call(app, cfg, 0, p, whole)  # labels for 60 items where the plan says 25

@@ -286,12 +286,66 @@ def test_label_memory_keeps_every_item_received_and_distills_on_all(plain_cfg, t
     assert torch.equal(restored.memory.nan_to_num(-1), s.memory.nan_to_num(-1))
 
 
-def test_label_memory_is_refused_with_lifelong_streams(tiny_cfg):
+@pytest.mark.parametrize("setting", ["strategy.label_memory=true", "strategy.download_size=10"])
+def test_proxy_item_settings_are_refused_with_lifelong_streams(tiny_cfg, setting):
     from fedkd.config import validate
     from fedkd.errors import ConfigError
 
-    cfg = tiny_cfg(
-        "strategy=dsfl", "strategy.label_memory=true", "lifelong=class_incremental", "rounds=20"
-    )
-    with pytest.raises(ConfigError, match=r"strategy\.label_memory"):
+    cfg = tiny_cfg("strategy=dsfl", setting, "lifelong=class_incremental", "rounds=20")
+    with pytest.raises(ConfigError, match=r"strategy\.(label_memory|download_size)"):
         validate(cfg)
+
+
+def test_download_codec_and_size_code_the_teachers_labels_apart(plain_cfg, tmp_path):
+    from fedkd.comm.codecs import decode, encode
+    from fedkd.protocol import CONFIG, RoundPlan
+    from fedkd.training import soft_labels
+
+    s = make_strategy(
+        plain_cfg,
+        tmp_path,
+        "strategy=dsfl",
+        "strategy.codec=onebit",
+        "strategy.download_codec=int8",
+        "strategy.download_size=20",
+    )
+    msgs = instructions(s)
+    n, c = len(s.round_proxy_x), s.data.num_classes
+    ups = [encode(torch.from_numpy(rand_logits(s, i)).float(), "onebit", LOGITS) for i in range(3)]
+    replies = [
+        Message(RecordDict({METRICS: MetricRecord({"num-examples": 5}), KNOWLEDGE: u}), reply_to=m)
+        for m, u in zip(msgs, ups, strict=True)
+    ]
+    _, metrics = s.aggregate_train(1, replies)
+    assert metrics["replies"] == 3 and metrics["rejected"] == 0  # uploads in onebit
+    picked = []
+    for rnd in (2, 3):
+        msgs = instructions(s, rnd)
+        plans = {RoundPlan.from_record(m.content.config_records[CONFIG]) for m in msgs}
+        assert len(plans) == 1  # every client gets the same subset
+        plan = plans.pop()
+        assert (plan.codec, plan.teacher_codec, plan.teacher_count) == ("onebit", "int8", 20)
+        rows = plan.teacher_rows(n)
+        assert len(rows) == 20 and len(set(rows.tolist())) == 20
+        sent = msgs[0].content.array_records[TEACHER]
+        got = decode(sent, SOFT_LABELS, "int8", (20, c), kind="probs")
+        x = s.round_proxy_x[torch.from_numpy(rows)]
+        want = soft_labels(s.teacher, x, s.temperature, device="cpu")
+        assert torch.allclose(got, want, atol=1 / 255)  # half an int8 step of [0, 1] or less
+        picked.append(rows.tolist())
+    assert picked[0] != picked[1]  # a new sample each round
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("strategy.download_codec=int4", r"strategy\.download_codec"),
+        ("strategy.download_size=0", r"strategy\.download_size"),
+        ("strategy.download_size=true", r"strategy\.download_size"),
+    ],
+)
+def test_bad_download_settings_are_refused(plain_cfg, tmp_path, override, message):
+    from fedkd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        make_strategy(plain_cfg, tmp_path, "strategy=dsfl", override)
