@@ -68,6 +68,7 @@ bench-bytes: setup    ## bytes per client per round: each codec, and FedAvg with
 	for codec in float32 float16 int8 onebit; do \
 		$(BIN)/fedkd-bench --no-bound --name bytes-dsfl-$$codec-cnn_small --out $(BENCH_DIR)/bytes-dsfl-$$codec-cnn_small.json $(BYTES) strategy.codec=$$codec || exit 1; \
 	done
+	$(BIN)/fedkd-bench --no-bound --name bytes-dsfl-onebit-up-int8x1000-down-cnn_small --out $(BENCH_DIR)/bytes-dsfl-onebit-up-int8x1000-down-cnn_small.json $(BYTES) strategy.codec=onebit strategy.download_codec=int8 strategy.download_size=1000
 	$(BIN)/fedkd-bench --no-bound --name bytes-dsfl-float16-resnet20 --out $(BENCH_DIR)/bytes-dsfl-float16-resnet20.json $(BYTES) model.student=resnet20
 	for student in cnn_small resnet8 resnet20 cnn; do \
 		$(BIN)/fedkd-bench --no-bound --name bytes-fedavg-$$student --out $(BENCH_DIR)/bytes-fedavg-$$student.json $(BYTES) strategy=fedavg model.student=$$student || exit 1; \

@@ -225,7 +225,7 @@ def bench(name: str, overrides: list[str], out: str | None, bound: bool) -> dict
             "strategy": str(cfg.strategy.name),
             "student": str(cfg.model.student),
             "student_parameters": student_parameters(cfg),
-            "codec": str(cfg.strategy.get("codec", "float32 weights")),
+            "codec": payload_name(cfg.strategy),
             "proxy_per_round": int(cfg.proxy.subset_size or cfg.proxy.size),
         }
         result |= run_simulator(overrides, run_dir)
@@ -293,6 +293,17 @@ def bytes_markdown(results: list[dict[str, Any]]) -> str:
             f"| {items} | {total:,.0f} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def payload_name(strategy: Any) -> str:
+    """What travels: a codec, or one per direction when they differ."""
+    up = strategy.get("codec")
+    if up is None:
+        return "float32 weights"
+    down, size = strategy.get("download_codec") or up, strategy.get("download_size")
+    if down == up and size is None:
+        return str(up)
+    return f"{up} up / {down} down" + (f" on {size} items" if size is not None else "")
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
