@@ -129,7 +129,33 @@ def find_runs(paths: list[str]) -> list[Run]:
             "no finished runs (directories with summary.json and config.yaml) under "
             + ", ".join(paths)
         )
+    fill_new_settings(runs)
     return runs
+
+
+def fill_new_settings(runs: list[Run]) -> None:
+    """A setting added to fedkd after a run was made is missing from its config.yaml:
+    give it today's default for the run's strategy (new settings default to the old
+    behaviour), so that old and new runs of one setting are compared as one."""
+    from fedkd.config import compose_config
+
+    defaults: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        name = str(run.config.get("strategy", {}).get("name"))
+        if name not in defaults:
+            try:
+                defaults[name] = compose_config([f"strategy={name}"])
+            except FedKDError:  # a strategy that no longer exists: leave the run as it is
+                defaults[name] = {}
+        _fill_missing(run.config, defaults[name])
+
+
+def _fill_missing(config: dict[str, Any], default: dict[str, Any]) -> None:
+    for key, value in default.items():
+        if key not in config:
+            config[key] = value
+        elif isinstance(value, dict) and isinstance(config[key], dict):
+            _fill_missing(config[key], value)
 
 
 def _matches(key: str, prefixes: tuple[str, ...]) -> bool:

@@ -116,3 +116,17 @@ def test_private_runs_get_an_epsilon_column_and_are_named_by_noise(tmp_path):
     lines = md.splitlines()
     assert "| epsilon |" in lines[0]
     assert any(line.startswith("| dsfl noise_multiplier=0.5 | 1 | 80.0 | 8.25 |") for line in lines)
+
+
+def test_a_setting_added_later_takes_its_default_in_older_runs(tmp_path):
+    make_run(tmp_path, "old", "dsfl", 0, 0.80)  # made before strategy.download_size existed
+    for name, seed, acc, size in (("new", 1, 0.82, None), ("sub", 2, 0.70, 10)):
+        run = make_run(tmp_path, name, "dsfl", seed, acc)
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["strategy"]["download_size"] = size
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    md = report([str(tmp_path)], None, ("strategy.download_size",))
+    rows = sorted(line for line in md.splitlines() if line.startswith("| dsfl"))
+    assert len(rows) == 2
+    assert rows[0].startswith("| dsfl download_size=10 | 1 |")
+    assert rows[1].startswith("| dsfl download_size=None | 2 |") and "81.0 ± 1.4" in rows[1]
