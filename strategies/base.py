@@ -197,7 +197,6 @@ class FederatedStrategy(Strategy):
             reply=self.reply_kind,
             proxy=tuple(self.ledger.segments),
             codec=getattr(self, "codec", "float16"),
-            teacher_codec=getattr(self, "download_codec", "float16"),
             epochs=int(tr["epochs"]),
             batch_size=int(tr["batch_size"]),
             lr=float(tr["lr"]),

@@ -145,18 +145,19 @@ class SoftLabelStrategy(FederatedStrategy):
     def server_model(self) -> nn.Module:
         return self.teacher
 
-    def download_subset(self, rnd: int) -> dict[str, int]:
-        """The round's teacher_count and teacher_seed (see RoundPlan)."""
+    def download_plan(self, rnd: int) -> dict[str, Any]:
+        """How the round's teacher labels travel: RoundPlan's teacher_* fields."""
         count = -1 if self.download_size is None else int(self.download_size)
-        return {"teacher_count": count, "teacher_seed": derive_seed(self.seed, rnd, "download")}
+        seed = derive_seed(self.seed, rnd, "download")
+        return {"teacher_codec": self.download_codec, "teacher_count": count, "teacher_seed": seed}
 
     def plan(self, rnd: int, pid: int) -> RoundPlan:
-        return replace(super().plan(rnd, pid), **self.download_subset(rnd))
+        return replace(super().plan(rnd, pid), **self.download_plan(rnd))
 
     def broadcast(self, rnd: int) -> dict[str, ArrayRecord]:
         if not self.teacher_ready:
             return {}
-        sub = self.download_subset(rnd)
+        sub = self.download_plan(rnd)
         rows = download_rows(len(self.round_proxy_x), sub["teacher_count"], sub["teacher_seed"])
         x = self.round_proxy_x[torch.from_numpy(rows)]
         probs = soft_labels(self.teacher, x, self.temperature, device=self.device)
