@@ -69,13 +69,16 @@ class SoftLabelStrategy(FederatedStrategy):
         for key, value in (("codec", codec), ("download_codec", download_codec or codec)):
             if value not in CODECS:
                 raise ConfigError(f"strategy.{key}", value, "one of " + ", ".join(CODECS))
+        per_round = cfg["proxy"]["subset_size"] or cfg["proxy"]["size"]
         if download_size is not None and (
             isinstance(download_size, bool)
             or not isinstance(download_size, int)
-            or download_size < 1
+            or not 1 <= download_size <= per_round
         ):
             raise ConfigError(
-                "strategy.download_size", download_size, "a whole number >= 1, or null (all)"
+                "strategy.download_size",
+                download_size,
+                f"a whole number from 1 to the proxy items per round ({per_round}), or null (all)",
             )
         if aggregator not in AGGREGATORS:
             raise ConfigError("strategy.aggregator", aggregator, "one of " + ", ".join(AGGREGATORS))

@@ -342,6 +342,7 @@ def test_download_codec_and_size_code_the_teachers_labels_apart(plain_cfg, tmp_p
         ("strategy.download_codec=int4", r"strategy\.download_codec"),
         ("strategy.download_size=0", r"strategy\.download_size"),
         ("strategy.download_size=true", r"strategy\.download_size"),
+        ("strategy.download_size=121", r"strategy\.download_size.*\(120\)"),
     ],
 )
 def test_bad_download_settings_are_refused(plain_cfg, tmp_path, override, message):
