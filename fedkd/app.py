@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
-from fedkd.config import compose_config
+from fedkd.compose import compose_config
 from fedkd.errors import ConfigError, FedKDError
 from fedkd.resources import resolve_num_gpus
 

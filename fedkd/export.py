@@ -50,7 +50,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], FederatedData]:
 
 
 def load_student(run_dir: Path, cfg: dict, data: FederatedData, partition_id: int) -> nn.Module:
-    from fedkd.client import new_student
+    from fedkd.local_round import new_student
 
     store = ClientStore(cfg["simulation"]["client_state_dir"] or run_dir / "client_state")
     state = store.load(partition_id)

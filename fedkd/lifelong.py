@@ -1,7 +1,8 @@
 """Continual-learning metrics on the accuracy matrix R, and their per-round tracking.
 
-R[k][j] is the test accuracy on task j after training through task k (0-based here;
-ALGORITHMS.md writes 1-based). b[j] is the accuracy on task j before any training.
+R[k][j] is the test accuracy on task j after training through task k (0-based here
+and in docs/algorithms.md; the papers write 1-based). b[j] is the accuracy on task j
+before any training.
 Functions take R as a list of rows (NaN where not measured) and return None when a
 quantity is undefined (forgetting after the first task, BWT/FWT with one task).
 

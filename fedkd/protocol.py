@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedkd.seeding import numpy_rng
+from fedkd.training import LocalTraining
 
 TRAIN = "train"
 QUERY = "query"
@@ -62,13 +63,7 @@ class RoundPlan:
     reply: str  # REPLY_LOGITS | REPLY_WEIGHTS | REPLY_NONE
     proxy: tuple[ProxySegment, ...]
     codec: str
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    alpha: float
-    temperature: float
+    training: LocalTraining  # on the wire as its fields, one key each
     teacher_codec: str = "float16"  # the teacher's soft labels; `codec` is for uploads
     teacher_count: int = -1  # soft labels on a seeded sample of this many items; -1: all
     teacher_seed: int = 0
@@ -80,8 +75,10 @@ class RoundPlan:
     def to_record(self) -> ConfigRecord:
         values: dict = {}
         for f in fields(self):
-            if f.name != "proxy":
-                values[f.name.replace("_", "-")] = getattr(self, f.name)
+            if f.name not in ("proxy", "training"):
+                values[_key(f.name)] = getattr(self, f.name)
+        for f in fields(LocalTraining):
+            values[_key(f.name)] = getattr(self.training, f.name)
         values["proxy-tasks"] = [s.task for s in self.proxy]
         values["proxy-seeds"] = [s.seed for s in self.proxy]
         values["proxy-counts"] = [s.count for s in self.proxy]
@@ -90,8 +87,11 @@ class RoundPlan:
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundPlan:
         values = {
-            f.name: record[f.name.replace("_", "-")] for f in fields(cls) if f.name != "proxy"
+            f.name: record[_key(f.name)] for f in fields(cls) if f.name not in ("proxy", "training")
         }
+        values["training"] = LocalTraining(
+            **{f.name: record[_key(f.name)] for f in fields(LocalTraining)}
+        )
         segments = zip(
             record["proxy-tasks"], record["proxy-seeds"], record["proxy-counts"], strict=True
         )
@@ -113,6 +113,10 @@ def proxy_subset(seed: int, pool_size: int, count: int) -> np.ndarray:
 def download_rows(n: int, count: int, seed: int) -> np.ndarray:
     """A seeded sample of `count` of a round's n proxy items (all of them if count < 0)."""
     return proxy_subset(seed, n, n if count < 0 else count)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
 
 
 class InvalidReply(ValueError):

@@ -1,4 +1,4 @@
-"""The Flower ServerApp: build the strategy, meet the clients, run the rounds, record.
+"""The Flower ServerApp: build the server state, meet the clients, run the rounds.
 
 Before round 1 the server waits until every expected node has registered (with
 `run_simulation`, nodes register while the ServerApp starts) and asks each node
@@ -17,14 +17,13 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd.checkpoint import load_checkpoint
-from fedkd.data.federated import federated_data
 from fedkd.errors import FedKDError
 from fedkd.protocol import CONFIG, INFO, METRICS, QUERY
 from fedkd.resources import visible_gpus
 from fedkd.results.progress import RoundProgress
 from fedkd.results.recorder import RunRecorder
-from strategies import ServerContext, build_strategy
-from strategies.base import error_summary
+from fedkd.round_loop import GridTransport, error_summary, run_rounds
+from fedkd.server_state import build_server_state
 
 log = logging.getLogger("fedkd.server")
 
@@ -98,64 +97,57 @@ def discover_partitions(
 
 
 def run_server(
-    grid: Grid, cfg: dict[str, Any], out_dir: str | Path, resume: bool = False
+    grid: Grid, plain: dict[str, Any], out_dir: str | Path, resume: bool = False
 ) -> dict[str, Any]:
     """Run a whole experiment on `grid` (with `resume`, from the run directory's
     checkpoint on); returns the summary (also in summary.json)."""
     out = Path(out_dir)
-    ckpt = load_checkpoint(out, cfg) if resume else None
-    strategy = build_strategy(cfg)
+    ckpt = load_checkpoint(out, plain) if resume else None
     device = "cuda" if visible_gpus() > 0 else "cpu"
-    strategy.setup(ServerContext(cfg=cfg, data=federated_data(cfg), device=device, out_dir=out))
-    sim = cfg["simulation"]
-    if sim.get("fast_dispatch") and hasattr(grid, "pull_interval"):
+    state = build_server_state(plain, device)
+    cfg, data = state.cfg, state.data
+    sim = cfg.simulation
+    if sim.fast_dispatch and hasattr(grid, "pull_interval"):
         grid.pull_interval = 0.01  # Flower's in-memory grid polls for replies every 0.1 s
-    if strategy.uses_clients:
-        nodes = wait_for_nodes(grid, int(cfg["num_clients"]), float(sim["register_timeout"]))
+    partitions: dict[int, int] = {}
+    nodes: list[int] = []
+    if state.strategy.uses_clients:
+        nodes = wait_for_nodes(grid, cfg.num_clients, sim.register_timeout)
         partitions = discover_partitions(
-            grid,
-            nodes,
-            int(cfg["num_clients"]),
-            float(sim["register_timeout"]),
-            strategy.data.proxy_digest,
+            grid, nodes, cfg.num_clients, sim.register_timeout, data.proxy_digest
         )
-        strategy.connect(partitions)
-        nodes_info = {"nodes": len(nodes), "nodes_admitted": len(partitions)}
-    else:
-        nodes_info = {"nodes": 0, "nodes_admitted": 0}
+    state.population = sorted(partitions.values())
     meta = {
-        "strategy": strategy.name,
-        "seed": cfg["seed"],
-        "dataset": cfg["dataset"]["name"],
-        "num_clients": cfg["num_clients"],
-        "clients_per_round": cfg["clients_per_round"],
-        "lifelong": cfg["lifelong"]["name"],
-        "mitigation": cfg["lifelong"]["mitigation"],
-        "proxy_mode": cfg["lifelong"]["proxy"],
-        "num_tasks": strategy.data.num_tasks,
-        **nodes_info,
+        "strategy": state.strategy.name,
+        "seed": cfg.seed,
+        "dataset": cfg.dataset.name,
+        "num_clients": cfg.num_clients,
+        "clients_per_round": cfg.clients_per_round,
+        "lifelong": cfg.lifelong.name,
+        "mitigation": state.mitigation.name,
+        "proxy_mode": cfg.lifelong.proxy,
+        "num_tasks": data.num_tasks,
+        "nodes": len(nodes),
+        "nodes_admitted": len(partitions),
     }
     progress = None
-    if cfg["output"]["progress"]:
-        title = f"fedkd: {strategy.name} on {cfg['dataset']['name']}, {cfg['num_clients']} clients"
-        if strategy.data.stream.lifelong:
-            title += f", {cfg['lifelong']['name']} ({strategy.data.num_tasks} tasks, "
-            title += f"mitigation {cfg['lifelong']['mitigation']})"
-        progress = RoundProgress(int(cfg["rounds"]), title)
+    if cfg.output.progress:
+        title = f"fedkd: {state.strategy.name} on {cfg.dataset.name}, {cfg.num_clients} clients"
+        if data.stream.lifelong:
+            title += f", {cfg.lifelong.name} ({data.num_tasks} tasks, "
+            title += f"mitigation {state.mitigation.name})"
+        progress = RoundProgress(cfg.rounds, title)
     if ckpt is not None:
-        strategy.restore(ckpt)
+        state.load_state_dict(ckpt)
         log.info("resuming %s after round %d", out, ckpt["round"])
     recorder = RunRecorder(
-        out,
-        meta,
-        progress=progress,
-        plots=bool(cfg["output"]["plots"]),
-        resume_round=strategy.last_round,
+        out, meta, progress=progress, plots=cfg.output.plots, resume_round=state.round
     )
     if progress is not None:
         for row in recorder.rows:
             progress.round(row)
-    lifelong = strategy.run(grid, recorder)
+    transport = GridTransport(grid, partitions, sim.round_timeout)
+    lifelong = run_rounds(state, transport, recorder, out)
     return recorder.finish(lifelong)
 
 

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedkd.checkpoint import load_checkpoint
 from fedkd.client_store import ClientStore
-from fedkd.config import to_plain, validate
+from fedkd.compose import to_plain
+from fedkd.config import validate
 from fedkd.data.federated import federated_data
 from fedkd.resources import resolve_num_gpus
 

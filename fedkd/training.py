@@ -7,12 +7,16 @@ randomness is a pure function of the generator its caller seeded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from fedkd.distill import distillation_loss, kd_loss, tempered_softmax
+
+if TYPE_CHECKING:
+    from fedkd.config import DistillConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,19 @@ class LocalTraining:
     weight_decay: float = 0.0
     alpha: float = 0.5  # CE weight when a teacher is present
     temperature: float = 3.0
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, distill: DistillConfig) -> LocalTraining:
+        """The configured local update: `train.*` plus the KD weight and temperature."""
+        return cls(
+            epochs=train.epochs,
+            batch_size=train.batch_size,
+            lr=train.lr,
+            momentum=train.momentum,
+            weight_decay=train.weight_decay,
+            alpha=distill.alpha,
+            temperature=distill.temperature,
+        )
 
 
 def train_student(

@@ -9,7 +9,7 @@ twice:
 (a) through the simulator: `fedkd-sim` in a child process (Flower's simulation
     engine on Ray), its process tree's peak RSS sampled every 0.2 s;
 (b) the compute bound: exactly the same work — the same sampled clients, plans,
-    payloads, client function (`fedkd.client.client_reply`), validation, aggregation
+    payloads, client function (`fedkd.local_round.client_reply`), validation, aggregation
     and evaluation, with the same seeds — run sequentially in this one process with
     torch using every core: no simulation engine, no Ray, no message transport.
 
@@ -120,41 +120,40 @@ def run_simulator(overrides: list[str], run_dir: Path) -> dict[str, Any]:
 
 
 def run_bound(config_path: Path, work_dir: Path) -> dict[str, Any]:
-    """The same rounds, sequential, in this process, torch on every core."""
+    """The same rounds, sequential, in this process, torch on every core: the round
+    loop with the client function called directly (no engine, no messages)."""
     import resource
 
     import torch
     import yaml
 
-    from fedkd.client import client_reply
-    from fedkd.data.federated import federated_data
-    from strategies import ServerContext, build_strategy
+    from fedkd.local_round import client_reply
+    from fedkd.round_loop import DirectTransport, run_rounds
+    from fedkd.server_state import build_server_state
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = yaml.safe_load(config_path.read_text())
     cfg["simulation"]["client_state_dir"] = str(work_dir / "client_state")
     cfg["output"]["checkpoint"] = False
-    data = federated_data(cfg)
-    strategy = build_strategy(cfg)
-    strategy.setup(ServerContext(cfg=cfg, data=data, device="cpu", out_dir=work_dir))
-    strategy.connect({pid: pid for pid in range(int(cfg["num_clients"]))})
-    times, accs = [], []
-    for rnd in range(1, int(cfg["rounds"]) + 1):
-        start = time.perf_counter()
-        replies = [
-            strategy.parse_reply(pid, client_reply(cfg, pid, content))
-            for pid, content in strategy.prepare_round(rnd)
-        ]
-        strategy.conclude(rnd, replies, failed=0, rejected=0, late=0, bytes_up=0)
-        accs.append(strategy.evaluate(rnd)["teacher_accuracy"])
-        times.append(time.perf_counter() - start)
+    state = build_server_state(cfg, "cpu")
+    state.population = list(range(state.cfg.num_clients))
+    rows = RowList()
+    run_rounds(state, DirectTransport(lambda pid, content: client_reply(cfg, pid, content)), rows)
+    times = [r["wall_seconds"] for r in rows]
     return {
         "bound_round_seconds": steady(times),
         "bound_first_round_seconds": times[0],
         "bound_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "bound_teacher_accuracy": accs,
+        "bound_teacher_accuracy": [r.get("teacher_accuracy") for r in rows],
         "bound_torch_threads": torch.get_num_threads(),
     }
+
+
+class RowList(list):
+    """A recorder that only keeps the rows."""
+
+    def log_round(self, row: dict[str, Any]) -> None:
+        self.append(row)
 
 
 def parallel_efficiency(result: dict[str, Any]) -> float | None:

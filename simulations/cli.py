@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from fedkd.config import describe_hydra_error
+from fedkd.compose import describe_hydra_error
 from fedkd.errors import FedKDError
 
 EXIT_USAGE = 2

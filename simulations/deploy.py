@@ -128,7 +128,7 @@ def make_node_keys(out: Path, nodes: int) -> list[Path]:
 
 
 def make_bundle(path: Path, overrides: list[str]) -> Path:
-    from fedkd.config import compose_config
+    from fedkd.compose import compose_config
     from fedkd.data.device import write_bundle
 
     if path.exists():
@@ -143,7 +143,7 @@ def make_bundle(path: Path, overrides: list[str]) -> Path:
 
 
 def make_shard(path: Path, partition: int, overrides: list[str]) -> Path:
-    from fedkd.config import compose_config
+    from fedkd.compose import compose_config
     from fedkd.data.device import write_shard
 
     if path.exists():
@@ -156,7 +156,7 @@ def make_shard(path: Path, partition: int, overrides: list[str]) -> Path:
 def footprint(
     overrides: list[str], partition: int, rounds: int, threads: int, out: Path | None
 ) -> None:
-    from fedkd.config import compose_config
+    from fedkd.compose import compose_config
     from fedkd.results.recorder import write_json_atomic
     from simulations.footprint import measure
 

@@ -33,7 +33,7 @@ def _device(conn, cfg: dict, pid: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from fedkd.client import client_reply
+    from fedkd.local_round import client_reply
 
     conn.send(peak_rss_mb())  # after imports
     while (request := conn.recv()) is not None:
@@ -43,13 +43,33 @@ def _device(conn, cfg: dict, pid: int, threads: int) -> None:
         conn.send((reply, seconds, peak_rss_mb()))
 
 
+class DeviceTransport:
+    """The round loop's transport to the device process; notes each round's cost."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.per_round: list[dict[str, Any]] = []
+
+    def exchange(self, rnd: int, downloads: list) -> list:
+        from fedkd.protocol import TEACHER
+        from fedkd.tally import Reply
+
+        ((pid, content),) = downloads
+        self.conn.send(content)
+        reply, seconds, peak = self.conn.recv()
+        teacher = TEACHER in content.array_records
+        self.per_round.append(
+            {"round": rnd, "seconds": seconds, "peak_rss_mb": peak, "teacher_labels": teacher}
+        )
+        return [Reply(pid, pid, reply)]
+
+
 def measure(cfg: dict, partition: int = 0, rounds: int = 2, threads: int = 1) -> dict[str, Any]:
     from fedkd.data.device import write_bundle, write_shard
-    from fedkd.data.federated import federated_data
-    from fedkd.protocol import TEACHER
-    from strategies import ServerContext, build_strategy
+    from fedkd.round_loop import run_rounds
+    from fedkd.server_state import build_server_state
 
-    data = federated_data(cfg)
+    cfg = {**cfg, "rounds": rounds}
     with tempfile.TemporaryDirectory(prefix="fedkd-footprint-") as tmp:
         work = Path(tmp)
         samples = write_shard(cfg, partition, work / "shard.npz")
@@ -63,10 +83,8 @@ def measure(cfg: dict, partition: int = 0, rounds: int = 2, threads: int = 1) ->
                 "bundle": str(work / "bundle.npz"),
             },
         }
-        server_cfg = {**cfg, "output": {**cfg["output"], "checkpoint": False}}
-        strategy = build_strategy(server_cfg)
-        strategy.setup(ServerContext(cfg=server_cfg, data=data, device="cpu", out_dir=work))
-        strategy.connect({partition: partition})
+        state = build_server_state({**cfg, "output": {**cfg["output"], "checkpoint": False}}, "cpu")
+        state.population = [partition]
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(
@@ -74,22 +92,9 @@ def measure(cfg: dict, partition: int = 0, rounds: int = 2, threads: int = 1) ->
         )
         proc.start()
         idle_mb = parent.recv()
-        per_round = []
+        transport = DeviceTransport(parent)
         try:
-            for rnd in range(1, rounds + 1):
-                ((pid, content),) = strategy.prepare_round(rnd)
-                parent.send(content)
-                reply, seconds, peak = parent.recv()
-                replies = [strategy.parse_reply(pid, reply)]
-                strategy.conclude(rnd, replies, failed=0, rejected=0, late=0, bytes_up=0)
-                per_round.append(
-                    {
-                        "round": rnd,
-                        "seconds": seconds,
-                        "peak_rss_mb": peak,
-                        "teacher_labels": TEACHER in content.array_records,
-                    }
-                )
+            run_rounds(state, transport, recorder=_Discard())
         finally:
             parent.send(None)
             proc.join(timeout=30)
@@ -97,8 +102,13 @@ def measure(cfg: dict, partition: int = 0, rounds: int = 2, threads: int = 1) ->
         "student": cfg["model"]["student"],
         "partition": partition,
         "shard_samples": samples,
-        "proxy_items": len(data.proxy_index),
+        "proxy_items": len(state.data.proxy_index),
         "torch_threads": threads,
         "rss_after_imports_mb": idle_mb,
-        "rounds": per_round,
+        "rounds": transport.per_round,
     }
+
+
+class _Discard:
+    def log_round(self, row: dict[str, Any]) -> None:
+        pass

@@ -37,14 +37,14 @@ PROG = "fedkd-report"
 
 # Keys that may differ between runs of one table: what is being compared, and
 # where each run happened to write its files.
-VARYING = ("strategy", "seed", "lifelong.mitigation", "simulation.client_state_dir", "output")
+VARYING = ("strategy", "seed", "mitigation", "simulation.client_state_dir", "output")
 # Of those, what never names a row: the seed, and what follows from the strategy name.
 NOT_LABELS = (
     "seed",
     "simulation.client_state_dir",
     "strategy.name",
     "strategy._target_",
-    "lifelong.mitigation",  # already in the row's name
+    "mitigation.name",  # already in the row's name
     "output",  # plots, progress display, checkpoints: never a result
 )
 
@@ -123,7 +123,7 @@ def find_runs(paths: list[str]) -> list[Run]:
             except (json.JSONDecodeError, yaml.YAMLError) as exc:
                 raise ReportError(f"{run_dir}: unreadable results ({exc})") from None
             s["bytes_total"] = (s.get("bytes_up") or 0) + (s.get("bytes_down") or 0)
-            runs.append(Run(run_dir, s, c))
+            runs.append(Run(run_dir, s, upgrade_config(c)))
     if not runs:
         raise ReportError(
             "no finished runs (directories with summary.json and config.yaml) under "
@@ -133,21 +133,60 @@ def find_runs(paths: list[str]) -> list[Run]:
     return runs
 
 
+# Before mitigations had their own config group, their name and every mitigation's
+# parameters sat in `lifelong`.
+LEGACY_MITIGATION_KEYS = (
+    "mitigation",
+    "memory_weight",
+    "memory_size",
+    "lwf_weight",
+    "review_fraction",
+    "replay_size",
+)
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """An older run's config.yaml in today's layout (`mitigation` group, no
+    `strategy._target_`), so it groups with runs made today."""
+    from dataclasses import fields
+
+    from fedkd.errors import ConfigError
+    from fedkd.mitigations import mitigation_class
+
+    lifelong = config.get("lifelong") or {}
+    if "mitigation" not in config and "mitigation" in lifelong:
+        name = lifelong["mitigation"]
+        node = {"name": name}
+        try:
+            params = [f.name for f in fields(mitigation_class(name).Params)]
+        except ConfigError:  # a mitigation that no longer exists
+            params = []
+        node.update({k: lifelong[k] for k in params if k in lifelong and k != "name"})
+        config["mitigation"] = node
+        for key in LEGACY_MITIGATION_KEYS:
+            lifelong.pop(key, None)
+    (config.get("strategy") or {}).pop("_target_", None)
+    return config
+
+
 def fill_new_settings(runs: list[Run]) -> None:
     """A setting added to fedkd after a run was made is missing from its config.yaml:
-    give it today's default for the run's strategy (new settings default to the old
-    behaviour), so that old and new runs of one setting are compared as one."""
-    from fedkd.config import compose_config
+    give it today's default for the run's strategy and mitigation (new settings
+    default to the old behaviour), so old and new runs of one setting compare as one."""
+    from fedkd.compose import compose_config
 
-    defaults: dict[str, dict[str, Any]] = {}
+    defaults: dict[tuple[str, str], dict[str, Any]] = {}
     for run in runs:
-        name = str(run.config.get("strategy", {}).get("name"))
-        if name not in defaults:
+        key = (
+            str(run.config.get("strategy", {}).get("name")),
+            str(run.config.get("mitigation", {}).get("name", "none")),
+        )
+        if key not in defaults:
             try:
-                defaults[name] = compose_config([f"strategy={name}"])
+                defaults[key] = compose_config([f"strategy={key[0]}", f"mitigation={key[1]}"])
             except FedKDError:  # a strategy that no longer exists: leave the run as it is
-                defaults[name] = {}
-        _fill_missing(run.config, defaults[name])
+                defaults[key] = {}
+        _fill_missing(run.config, defaults[key])
 
 
 def _fill_missing(config: dict[str, Any], default: dict[str, Any]) -> None:
@@ -180,9 +219,12 @@ def check_same_setting(runs: list[Run], vary: tuple[str, ...] = ()) -> None:
                     f"{runs[0].path} but {other.get(key)!r} in {run.path} "
                     f"(compare it on purpose with --vary {key})"
                 )
-    # A compared setting names the rows if two runs of one strategy differ in it
-    # (different strategies have different settings; their names tell them apart).
-    flats = [(str(r.summary.get("strategy")), _flatten(r.config)) for r in runs]
+    # A compared setting names the rows if two runs of one strategy and mitigation
+    # differ in it (others have other settings; their names tell them apart).
+    flats = [
+        (f"{r.summary.get('strategy')}+{r.summary.get('mitigation')}", _flatten(r.config))
+        for r in runs
+    ]
     keys = sorted({k for _, f in flats for k in f if _matches(k, allowed)})
 
     def differs(key: str) -> bool:

@@ -9,41 +9,44 @@ mitigation applies.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord
-from omegaconf import DictConfig
 from torch import nn
 
 from fedkd.errors import ConfigError
 from fedkd.models import create_model
 from fedkd.protocol import ClientReply
+from fedkd.round import Round
 from fedkd.seeding import torch_generator
-from fedkd.training import LocalTraining, train_student
-from strategies.base import FederatedStrategy, ServerContext
+from fedkd.training import train_student
+from strategies.base import STRATEGIES, ServerContext, Strategy
+
+if TYPE_CHECKING:
+    from fedkd.config import FedKDConfig
+    from fedkd.mitigations import Mitigation
 
 
-class Central(FederatedStrategy):
+@STRATEGIES.register("central")
+class Central(Strategy):
     uses_clients = False
     uses_proxy = False
 
     @classmethod
-    def check_config(cls, cfg: DictConfig) -> None:
-        super().check_config(cfg)
-        if cfg.lifelong.mitigation != "none":
-            raise ConfigError(
-                "lifelong.mitigation", cfg.lifelong.mitigation, "none: central trains no clients"
-            )
+    def check_config(cls, cfg: FedKDConfig, mitigation: type[Mitigation]) -> None:
+        super().check_config(cfg, mitigation)
+        if mitigation.name != "none":
+            raise ConfigError("mitigation", mitigation.name, "none: central trains no clients")
 
     def setup(self, ctx: ServerContext) -> None:
         super().setup(ctx)
-        m = self.cfg["model"]
+        m = self.cfg.model
         self.model = create_model(
-            m["teacher"],
+            m.teacher,
             num_classes=self.data.num_classes,
             input_shape=self.data.input_shape,
             seed=(self.seed, "teacher-init"),
-            **m["teacher_kwargs"],
+            **m.teacher_kwargs,
         ).to(self.device)
         self._pooled: tuple[int, Any] | None = None
 
@@ -52,22 +55,14 @@ class Central(FederatedStrategy):
         return self.model
 
     def aggregate(
-        self, rnd: int, replies: list[ClientReply]
+        self, r: Round, replies: list[ClientReply]
     ) -> tuple[ArrayRecord | None, dict[str, Any]]:
-        task = self.stream.global_task(rnd)
+        task = self.data.stream.global_task(r.number)
         if self._pooled is None or self._pooled[0] != task:
             self._pooled = (task, self.data.pooled_data(task))
         x, y = self._pooled[1]
-        tr = self.cfg["train"]
-        hp = LocalTraining(
-            epochs=int(tr["epochs"]),
-            batch_size=int(tr["batch_size"]),
-            lr=float(tr["lr"]),
-            momentum=float(tr["momentum"]),
-            weight_decay=float(tr["weight_decay"]),
-        )
-        gen = torch_generator(self.seed, rnd, "central")
-        loss = train_student(self.model, x, y, hp, gen, device=self.device)
+        gen = torch_generator(self.seed, r.number, "central")
+        loss = train_student(self.model, x, y, self.training, gen, device=self.device)
         return None, {"teacher_loss": loss}
 
     def state_dict(self) -> dict[str, Any]:

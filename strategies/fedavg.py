@@ -7,18 +7,22 @@ Clients start each round from the global model, train locally on their private d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
-from omegaconf import DictConfig
 from torch import nn
 
 from fedkd.errors import ConfigError
 from fedkd.models import create_model
 from fedkd.protocol import REPLY_WEIGHTS, WEIGHTS, ClientReply, InvalidReply, check_array
+from fedkd.round import Round
 from fedkd.training import soft_labels
-from strategies.base import FederatedStrategy, ServerContext
+from strategies.base import STRATEGIES, ServerContext, Strategy
+
+if TYPE_CHECKING:
+    from fedkd.config import FedKDConfig
+    from fedkd.mitigations import Mitigation
 
 
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -37,37 +41,37 @@ def average_weights(
     return out
 
 
-class FedAvg(FederatedStrategy):
+@STRATEGIES.register("fedavg")
+class FedAvg(Strategy):
     reply_kind = REPLY_WEIGHTS
     uses_proxy = False
 
     @classmethod
-    def check_config(cls, cfg: DictConfig) -> None:
-        super().check_config(cfg)
+    def check_config(cls, cfg: FedKDConfig, mitigation: type[Mitigation]) -> None:
+        super().check_config(cfg, mitigation)
         if len(set(cfg.model.students)) > 1:
             raise ConfigError(
                 "model.students",
                 list(cfg.model.students),
-                f"a single architecture: {cfg.strategy.name} averages weights, so every "
+                f"a single architecture: {cfg.strategy['name']} averages weights, so every "
                 "client must run the same model (use fedmd or dsfl for heterogeneous students)",
             )
 
     def setup(self, ctx: ServerContext) -> None:
         super().setup(ctx)
-        m = self.cfg["model"]
-        arch = m["students"][0] if m["students"] else m["student"]
+        m = self.cfg.model
         self.model: nn.Module = create_model(
-            arch,
+            m.student_of(0),
             num_classes=self.data.num_classes,
             input_shape=self.data.input_shape,
             seed=(self.seed, "global-init"),
-            **m["student_kwargs"],
+            **m.student_kwargs,
         ).to(self.device)
 
-    def broadcast(self, rnd: int) -> dict[str, ArrayRecord]:
+    def broadcast(self, r: Round) -> dict[str, ArrayRecord]:
         return {WEIGHTS: ArrayRecord(cpu_state(self.model))}
 
-    def check_payload(self, content: RecordDict) -> ArrayRecord:
+    def check_payload(self, r: Round, content: RecordDict) -> ArrayRecord:
         record = content.array_records.get(WEIGHTS)
         if record is None:
             raise InvalidReply(f"no ArrayRecord {WEIGHTS!r}")
@@ -86,23 +90,19 @@ class FedAvg(FederatedStrategy):
     def server_model(self) -> nn.Module:
         return self.model
 
-    def refine(self, rnd: int, replies: list[ClientReply]) -> dict[str, Any]:
+    def refine(self, r: Round, replies: list[ClientReply]) -> dict[str, Any]:
         """After averaging: nothing for FedAvg (FedDF distills here)."""
         return {}
 
-    def aggregate(self, rnd: int, replies: list[ClientReply]) -> tuple[ArrayRecord, dict[str, Any]]:
+    def aggregate(self, r: Round, replies: list[ClientReply]) -> tuple[ArrayRecord, dict[str, Any]]:
         self.model.load_state_dict(self.average(replies))
-        stats = self.refine(rnd, replies)
-        if self.mitigation.distills_server_model and len(self.round_proxy_x):
+        stats = self.refine(r, replies)
+        if self.mitigation.distills_server_model and len(r.proxy_x):
             # anchor what the average knows now, on the round's subset, while the
             # mitigation adds what the server must not forget
-            own = soft_labels(
-                self.model,
-                self.round_proxy_x,
-                float(self.cfg["distill"]["temperature"]),
-                device=self.device,
-            )
-            stats["memory_loss"] = self.distill_server_model(self.model, own, rnd)
+            tau = self.cfg.distill.temperature
+            own = soft_labels(self.model, r.proxy_x, tau, device=self.device)
+            stats["memory_loss"] = self.distill_server_model(self.model, own, r)
         return ArrayRecord(cpu_state(self.model)), stats
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,35 +8,47 @@ Adam and early stopping on a held-out part of the round's proxy subset.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedkd.config import require
 from fedkd.distill import distillation_loss, mean_logits, tempered_softmax
-from fedkd.errors import ConfigError
 from fedkd.protocol import ClientReply
+from fedkd.round import Round
 from fedkd.seeding import numpy_rng, torch_generator
 from fedkd.training import distill_to_targets, predict_logits
+from strategies.base import STRATEGIES, StrategyParams
 from strategies.fedavg import FedAvg, cpu_state
 
+if TYPE_CHECKING:
+    from fedkd.config import FedKDConfig
 
+
+@dataclass
+class FedDFParams(StrategyParams):
+    distill_epochs: int = 10  # at most, with early stopping on a held-out part
+    holdout_fraction: float = 0.2
+    patience: int = 2
+
+    def check(self, cfg: FedKDConfig) -> None:
+        for key in ("distill_epochs", "patience"):
+            value = getattr(self, key)
+            require(value >= 1, f"strategy.{key}", value, "an integer >= 1")
+        h = self.holdout_fraction
+        require(0 < h < 1, "strategy.holdout_fraction", h, "a number in (0, 1)")
+
+
+@STRATEGIES.register("feddf")
 class FedDF(FedAvg):
+    Params = FedDFParams
     uses_proxy = True
 
-    def __init__(
-        self, cfg: dict, distill_epochs: int = 10, holdout_fraction: float = 0.2, patience: int = 2
-    ) -> None:
-        super().__init__(cfg)
-        if distill_epochs < 1:
-            raise ConfigError("strategy.distill_epochs", distill_epochs, "an integer >= 1")
-        if not 0 < holdout_fraction < 1:
-            raise ConfigError("strategy.holdout_fraction", holdout_fraction, "a number in (0, 1)")
-        if patience < 1:
-            raise ConfigError("strategy.patience", patience, "an integer >= 1")
-        self.distill_epochs = distill_epochs
-        self.holdout_fraction = holdout_fraction
-        self.patience = patience
-        self.temperature = float(cfg["distill"]["temperature"])
+    def __init__(self, cfg: FedKDConfig, params: FedDFParams) -> None:
+        super().__init__(cfg, params)
+        self.p = params
+        self.temperature = cfg.distill.temperature
 
     def ensemble_logits(self, replies: list[ClientReply], x: torch.Tensor) -> torch.Tensor:
         scratch = copy.deepcopy(self.model)
@@ -46,12 +58,12 @@ class FedDF(FedAvg):
             outs.append(predict_logits(scratch, x, device=self.device))
         return mean_logits(torch.stack(outs))
 
-    def refine(self, rnd: int, replies: list[ClientReply]) -> dict[str, Any]:
+    def refine(self, r: Round, replies: list[ClientReply]) -> dict[str, Any]:
         """Distill the averaged model toward the clients' ensemble on the proxy subset."""
-        x = self.round_proxy_x
+        x, rnd = r.proxy_x, r.number
         target = tempered_softmax(self.ensemble_logits(replies, x), self.temperature)
         order = torch.from_numpy(numpy_rng(self.seed, rnd, "feddf-holdout").permutation(len(x)))
-        n_val = max(1, int(len(x) * self.holdout_fraction))
+        n_val = max(1, int(len(x) * self.p.holdout_fraction))
         val, fit = order[:n_val], order[n_val:]
 
         def val_loss() -> float:
@@ -64,12 +76,12 @@ class FedDF(FedAvg):
                     )
                 )
 
-        kd = self.cfg["distill"]
-        opt = torch.optim.Adam(self.model.parameters(), lr=float(kd["server_lr"]))
+        kd = self.cfg.distill
+        opt = torch.optim.Adam(self.model.parameters(), lr=kd.server_lr)
         gen = torch_generator(self.seed, rnd, "feddf-distill")
         best, best_state, bad, used = val_loss(), cpu_state(self.model), 0, 0
         start = best
-        for epoch in range(1, self.distill_epochs + 1):
+        for epoch in range(1, self.p.distill_epochs + 1):
             used = epoch
             distill_to_targets(
                 self.model,
@@ -77,8 +89,8 @@ class FedDF(FedAvg):
                 target[fit],
                 temperature=self.temperature,
                 epochs=1,
-                lr=float(kd["server_lr"]),
-                batch_size=int(kd["server_batch_size"]),
+                lr=kd.server_lr,
+                batch_size=kd.server_batch_size,
                 generator=gen,
                 device=self.device,
                 optimizer=opt,
@@ -88,7 +100,7 @@ class FedDF(FedAvg):
                 best, best_state, bad = loss, cpu_state(self.model), 0
             else:
                 bad += 1
-                if bad >= self.patience:
+                if bad >= self.p.patience:
                     break
         self.model.load_state_dict(best_state)
         return {"distill_val_loss_start": start, "distill_val_loss": best, "distill_epochs": used}

@@ -6,9 +6,11 @@ from __future__ import annotations
 import torch
 
 from fedkd.distill import tempered_softmax
+from strategies.base import STRATEGIES
 from strategies.soft_labels import SoftLabelStrategy
 
 
+@STRATEGIES.register("fedmd")
 class FedMD(SoftLabelStrategy):
     def aggregate_knowledge(
         self, logits: torch.Tensor, weights: torch.Tensor | None

@@ -11,15 +11,17 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from fedkd.protocol import REPLY_NONE, ClientReply
-from strategies.base import FederatedStrategy
+from fedkd.round import Round
+from strategies.base import STRATEGIES, Strategy
 
 
-class Local(FederatedStrategy):
+@STRATEGIES.register("local")
+class Local(Strategy):
     reply_kind = REPLY_NONE
     uses_proxy = False
     has_server_model = False
 
     def aggregate(
-        self, rnd: int, replies: list[ClientReply]
+        self, r: Round, replies: list[ClientReply]
     ) -> tuple[ArrayRecord | None, dict[str, Any]]:
         return None, {}

@@ -75,7 +75,7 @@ def test_corrupt_fashion_mnist_files(tmp_path, case, needle):
 
 def make_run_dir(tmp_path: Path, *overrides: str) -> tuple[Path, dict]:
     """A run directory as fedkd-sim leaves it after round 1 of 2 (no Ray needed)."""
-    from fedkd.config import to_plain
+    from fedkd.compose import to_plain
 
     run = tmp_path / "run"
     run.mkdir()

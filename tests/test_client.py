@@ -9,8 +9,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
-from fedkd.client import build_client_app, client_runtime, student_name
+from fedkd.client import build_client_app
 from fedkd.comm.codecs import check, encode
+from fedkd.config import typed
+from fedkd.local_round import client_runtime
 from fedkd.protocol import (
     CONFIG,
     KNOWLEDGE,
@@ -24,6 +26,7 @@ from fedkd.protocol import (
     ProxySegment,
     RoundPlan,
 )
+from fedkd.training import LocalTraining
 
 
 def plan(cfg, rnd=1, reply="logits", count=None, task=0, role="learn"):
@@ -34,13 +37,7 @@ def plan(cfg, rnd=1, reply="logits", count=None, task=0, role="learn"):
         reply=reply,
         proxy=(ProxySegment(task, 7, cfg["proxy"]["size"] if count is None else count),),
         codec="float16",
-        epochs=1,
-        batch_size=32,
-        lr=0.05,
-        momentum=0.9,
-        weight_decay=0.0,
-        alpha=0.5,
-        temperature=3.0,
+        training=LocalTraining(epochs=1, batch_size=32, lr=0.05, alpha=0.5, temperature=3.0),
     )
 
 
@@ -111,7 +108,7 @@ def test_teacher_of_the_wrong_shape_is_refused(plain_cfg):
 def test_weights_in_and_weights_out(plain_cfg):
     cfg = plain_cfg("strategy=fedavg")
     app = build_client_app(cfg)
-    from fedkd.client import new_student
+    from fedkd.local_round import new_student
 
     model = new_student(cfg, client_runtime(cfg).data, 99)
     reply = call(
@@ -124,7 +121,8 @@ def test_weights_in_and_weights_out(plain_cfg):
 
 def test_heterogeneous_students(plain_cfg):
     cfg = plain_cfg("model=hetero")
-    assert [student_name(cfg, i) for i in range(4)] == ["cnn_small", "mlp", "resnet8", "cnn_small"]
+    students = [typed(cfg).model.student_of(i) for i in range(4)]
+    assert students == ["cnn_small", "mlp", "resnet8", "cnn_small"]
     app = build_client_app(cfg)
     for pid in range(3):
         reply = call(app, cfg, pid, plan(cfg, count=40))

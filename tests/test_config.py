@@ -1,7 +1,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from fedkd.config import group_options, validate
+from fedkd.compose import group_options
+from fedkd.config import validate
 from fedkd.errors import ConfigError
 from tests.conftest import compose_cfg
 

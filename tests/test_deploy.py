@@ -10,7 +10,7 @@ from flwr.app import Context, Message, RecordDict
 from PIL import Image
 
 from fedkd import app as flwr_app
-from fedkd.config import compose_config
+from fedkd.compose import compose_config
 from fedkd.data.device import (
     device_federated_data,
     load_bundle,

@@ -8,12 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fedkd.client import new_student
 from fedkd.client_store import ClientStore
-from fedkd.config import to_plain
+from fedkd.compose import to_plain
 from fedkd.data.federated import federated_data
 from fedkd.errors import FedKDError
 from fedkd.export import TOLERANCE, export_model, load_run, load_server_model, load_student
+from fedkd.local_round import new_student
 from fedkd.models import create_model
 from tests.conftest import TINY, compose_cfg
 

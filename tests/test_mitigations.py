@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
-from fedkd.client import build_client_app, client_runtime
+from fedkd.client import build_client_app
 from fedkd.config import validate
-from fedkd.data.federated import federated_data
 from fedkd.errors import ConfigError
+from fedkd.local_round import client_runtime
 from fedkd.protocol import CONFIG, METRICS, ROLE_REVIEW, TEACHER, TRAIN, ProxySegment, RoundPlan
-from strategies import ServerContext, build_strategy
-from tests.test_strategies import logits_reply, rand_logits
+from fedkd.round_loop import begin_round, prepare_round
+from fedkd.training import LocalTraining
+from tests.server_harness import logits_round, plans_of, server_state
 
 LIFELONG = (
     "lifelong=class_incremental",
@@ -23,74 +24,61 @@ LIFELONG = (
 )
 
 
-def strategy_for(plain_cfg, tmp_path, *overrides):
-    cfg = plain_cfg(*LIFELONG, *overrides)
-    s = build_strategy(cfg)
-    s.setup(ServerContext(cfg=cfg, data=federated_data(cfg), device="cpu", out_dir=tmp_path))
-    s.connect({100 + pid: pid for pid in range(cfg["num_clients"])})
-    return s
+def lifelong_state(plain_cfg, *overrides):
+    return server_state(plain_cfg, *LIFELONG, *overrides)
 
 
-def one_round(s, rnd):
-    msgs = list(s.configure_train(rnd, ArrayRecord(), None, grid=None))
-    s.aggregate_train(rnd, [logits_reply(m, rand_logits(s, i)) for i, m in enumerate(msgs)])
-    return msgs
-
-
-def test_teacher_memory_remembers_and_weighs_the_memory(plain_cfg, tmp_path):
-    s = strategy_for(
+def test_teacher_memory_remembers_and_weighs_the_memory(plain_cfg):
+    state = lifelong_state(
         plain_cfg,
-        tmp_path,
-        "lifelong.mitigation=teacher_memory",
-        "lifelong.memory_weight=0.3",
-        "lifelong.memory_size=25",
+        "mitigation=teacher_memory",
+        "mitigation.memory_weight=0.3",
+        "mitigation.memory_size=25",
     )
-    one_round(s, 1)
-    s.mitigation.on_task_end(s, 0)
-    ((seg, probs),) = s.mitigation.memory
+    mitigation = state.mitigation
+    logits_round(state, 1)
+    mitigation.on_task_end(0)
+    ((seg, probs),) = mitigation.memory
     assert seg.task == 0 and seg.count == 25 and probs.shape == (25, 10)
     assert torch.allclose(probs.sum(1), torch.ones(25), atol=1e-5)
-    s.begin_round(2)
-    x = s.round_proxy_x
+    r = begin_round(state, 2)
+    x = r.proxy_x
     target = torch.full((len(x), 10), 0.1)
-    bx, bt, w = s.mitigation.teacher_batch(s, x, target)
+    bx, bt, w = mitigation.teacher_batch(x, target)
     assert len(bx) == len(x) + 25 and torch.equal(bt[len(x) :], probs)
     assert float(w[: len(x)].sum()) == pytest.approx(0.7) and float(
         w[len(x) :].sum()
     ) == pytest.approx(0.3)
 
 
-def test_drifting_proxy_uses_the_current_task_pool(plain_cfg, tmp_path):
-    s = strategy_for(plain_cfg, tmp_path, "lifelong.proxy=drifting")
-    s.begin_round(2)
-    (seg,) = s.ledger.segments
+def test_drifting_proxy_uses_the_current_task_pool(plain_cfg):
+    state = lifelong_state(plain_cfg, "lifelong.proxy=drifting")
+    r = begin_round(state, 2)
+    (seg,) = r.segments
     assert seg.task == 1
-    rows, _ = s.data.proxy_items(s.ledger.segments)
-    assert set(s.data.proxy_y[rows].tolist()) <= set(s.data.stream.task_classes[1])
+    rows, _ = state.data.proxy_items(r.segments)
+    assert set(state.data.proxy_y[rows].tolist()) <= set(state.data.stream.task_classes[1])
 
 
-def test_review_sends_old_knowledge_to_a_fraction_of_clients(plain_cfg, tmp_path):
-    s = strategy_for(
+def test_review_sends_old_knowledge_to_a_fraction_of_clients(plain_cfg):
+    state = lifelong_state(
         plain_cfg,
-        tmp_path,
         "strategy=fedmd",
-        "lifelong.mitigation=review",
-        "lifelong.review_fraction=0.34",
+        "mitigation=review",
+        "mitigation.review_fraction=0.34",
     )
-    msgs = one_round(s, 1)
-    assert all(
-        RoundPlan.from_record(m.content.config_records[CONFIG]).role == "learn" for m in msgs
-    )
-    s.mitigation.on_task_end(s, 0)
+    _, downloads, _ = logits_round(state, 1)
+    assert all(p.role == "learn" for p in plans_of(downloads))
+    state.mitigation.on_task_end(0)
     with torch.no_grad():  # the teacher moves on; the review labels must not
-        for p in s.teacher.parameters():
+        for p in state.strategy.teacher.parameters():
             p.add_(0.5)
-    msgs = list(s.configure_train(2, ArrayRecord(), None, grid=None))
-    plans = [RoundPlan.from_record(m.content.config_records[CONFIG]) for m in msgs]
+    _, downloads = prepare_round(state, 2)
+    plans = plans_of(downloads)
     reviewers = [i for i, p in enumerate(plans) if p.role == ROLE_REVIEW]
-    assert len(reviewers) == 1 and plans[reviewers[0]].alpha == 0.0
-    review = msgs[reviewers[0]].content.array_records[TEACHER]["soft-labels"].numpy()
-    learner = msgs[(reviewers[0] + 1) % 3].content.array_records[TEACHER]["soft-labels"].numpy()
+    assert len(reviewers) == 1 and plans[reviewers[0]].training.alpha == 0.0
+    review = downloads[reviewers[0]][1].array_records[TEACHER]["soft-labels"].numpy()
+    learner = downloads[(reviewers[0] + 1) % 3][1].array_records[TEACHER]["soft-labels"].numpy()
     assert review.shape == learner.shape and not np.array_equal(review, learner)
 
 
@@ -112,20 +100,22 @@ def train_call(app, cfg, pid, rnd, task):
         reply="logits",
         proxy=(ProxySegment(task, 3, 30),),
         codec="float16",
-        epochs=1,
-        batch_size=16,
-        lr=0.05,
-        momentum=0.9,
-        weight_decay=0.0,
-        alpha=0.9,
-        temperature=3.0,
+        training=LocalTraining(
+            epochs=1,
+            batch_size=16,
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=0.0,
+            alpha=0.9,
+            temperature=3.0,
+        ),
     )
     msg = Message(RecordDict({CONFIG: plan.to_record()}), dst_node_id=10 + pid, message_type=TRAIN)
     return app(msg, context(pid))
 
 
 def test_client_lwf_freezes_the_previous_student_at_a_task_switch(plain_cfg):
-    cfg = plain_cfg(*LIFELONG, "lifelong.mitigation=client_lwf")
+    cfg = plain_cfg(*LIFELONG, "mitigation=client_lwf")
     app = build_client_app(cfg)
     store = client_runtime(cfg).store
     first = train_call(app, cfg, 0, 1, 0)
@@ -139,7 +129,7 @@ def test_client_lwf_freezes_the_previous_student_at_a_task_switch(plain_cfg):
 
 
 def test_replay_keeps_exemplars_of_the_task_left_behind(plain_cfg):
-    cfg = plain_cfg(*LIFELONG, "lifelong.mitigation=replay", "lifelong.replay_size=7")
+    cfg = plain_cfg(*LIFELONG, "mitigation=replay", "mitigation.replay_size=7")
     app = build_client_app(cfg)
     store = client_runtime(cfg).store
     train_call(app, cfg, 1, 1, 0)
@@ -154,13 +144,13 @@ def test_replay_keeps_exemplars_of_the_task_left_behind(plain_cfg):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ("strategy=local", "lifelong.mitigation=teacher_memory"),
-        ("strategy=local", "lifelong.mitigation=review"),
-        ("strategy=central", "lifelong.mitigation=replay"),
-        ("strategy=central", "lifelong.mitigation=client_lwf"),
+        ("strategy=local", "mitigation=teacher_memory"),
+        ("strategy=local", "mitigation=review"),
+        ("strategy=central", "mitigation=replay"),
+        ("strategy=central", "mitigation=client_lwf"),
     ],
 )
 def test_mitigations_that_do_not_fit_a_strategy_are_refused(tiny_cfg, overrides):
     with pytest.raises(ConfigError) as info:
         validate(tiny_cfg(*LIFELONG, *overrides))
-    assert info.value.key == "lifelong.mitigation"
+    assert info.value.key == "mitigation"

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from fedkd.errors import ConfigError
 from fedkd.models import count_parameters, create_model, list_models
 
 
@@ -47,5 +48,5 @@ def test_width_kwarg_and_unknown_name():
     assert count_parameters(wide) > 3 * count_parameters(
         create_model("resnet8", num_classes=10, input_shape=(3, 32, 32))
     )
-    with pytest.raises(KeyError, match="available"):
+    with pytest.raises(ConfigError, match=r"model\.student='vgg99' .*one of .*cnn_small"):
         create_model("vgg99", num_classes=10, input_shape=(1, 28, 28))

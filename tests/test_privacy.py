@@ -88,8 +88,8 @@ def test_dp_sgd_is_seeded_and_counts_its_steps():
         (["privacy=client", "strategy.aggregator=median"], "strategy.aggregator"),
         (
             ["privacy=sample", "lifelong=class_incremental", "lifelong.num_tasks=2",
-             "lifelong.rounds_per_task=1", "lifelong.mitigation=replay"],
-            "lifelong.mitigation",
+             "lifelong.rounds_per_task=1", "mitigation=replay"],
+            "mitigation",
         ),
     ],
 )  # fmt: skip

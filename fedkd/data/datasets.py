@@ -19,6 +19,7 @@ import numpy as np
 
 from fedkd.atomic import write_atomic
 from fedkd.errors import DataError
+from fedkd.registry import Registry
 from fedkd.seeding import numpy_rng
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -46,6 +47,10 @@ class DatasetSplits:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+
+# dataset.name -> a loader of the `dataset` config section
+DATASETS: Registry[Callable[[dict], DatasetSplits]] = Registry("dataset", "dataset.name")
 
 
 # ---------------------------------------------------------------------- Fashion-MNIST
@@ -164,6 +169,11 @@ def load_fashion_mnist(root: str | None, download: bool, **_: object) -> Dataset
     )
 
 
+@DATASETS.register("fashion_mnist")
+def _fashion_mnist(cfg: dict) -> DatasetSplits:
+    return load_fashion_mnist(root=cfg.get("root"), download=cfg.get("download", True))
+
+
 def _download_fashion_mnist(root: Path) -> Path | None:
     """Last resort: torchvision's downloader (needs network access)."""
     try:
@@ -200,6 +210,11 @@ def load_cifar10(root: str | None, download: bool, **_: object) -> DatasetSplits
     return DatasetSplits("cifar10", arrays(train), arrays(test), 10, str(base))
 
 
+@DATASETS.register("cifar10")
+def _cifar10(cfg: dict) -> DatasetSplits:
+    return load_cifar10(root=cfg.get("root"), download=cfg.get("download", True))
+
+
 # -------------------------------------------------------------------------- synthetic
 
 
@@ -234,11 +249,9 @@ def load_synthetic(
     )
 
 
-_LOADERS: dict[str, Callable[..., DatasetSplits]] = {
-    "fashion_mnist": load_fashion_mnist,
-    "cifar10": load_cifar10,
-    "synthetic": load_synthetic,
-}
+@DATASETS.register("synthetic")
+def _synthetic(cfg: dict) -> DatasetSplits:
+    return load_synthetic(**cfg["synthetic"])
 
 
 def num_classes_of(cfg: dict) -> int:
@@ -247,12 +260,9 @@ def num_classes_of(cfg: dict) -> int:
 
 
 def list_datasets() -> list[str]:
-    return sorted(_LOADERS)
+    return DATASETS.names()
 
 
 def load_dataset(cfg: dict) -> DatasetSplits:
     """Load `cfg` (the `dataset` section of the config) as uint8 arrays."""
-    name = cfg["name"]
-    if name == "synthetic":
-        return load_synthetic(**cfg["synthetic"])
-    return _LOADERS[name](root=cfg.get("root"), download=cfg.get("download", True))
+    return DATASETS.get(cfg["name"])(cfg)

@@ -8,58 +8,76 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedkd.errors import DataError
+from fedkd.registry import Registry
 from fedkd.seeding import derive_seed, numpy_rng
 
-_PARTITIONERS = ("iid", "dirichlet", "pathological", "shards")
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
+
+# partition.name -> a builder of a flwr-datasets partitioner from
+# (the `partition` config section, num_clients, seed)
+PARTITIONERS: Registry[Callable[[dict, int, int], Partitioner]] = Registry(
+    "partitioner", "partition.name"
+)
 
 
 def list_partitioners() -> list[str]:
-    return sorted(_PARTITIONERS)
+    return PARTITIONERS.names()
 
 
-def _partitioner(cfg: dict, num_clients: int, seed: int):
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        PathologicalPartitioner,
-        ShardPartitioner,
+@PARTITIONERS.register("iid")
+def iid(cfg: dict, num_clients: int, seed: int) -> Partitioner:
+    from flwr_datasets.partitioner import IidPartitioner
+
+    return IidPartitioner(num_clients)  # contiguous blocks: partition_labels shuffles first
+
+
+@PARTITIONERS.register("dirichlet")
+def dirichlet(cfg: dict, num_clients: int, seed: int) -> Partitioner:
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    return DirichletPartitioner(
+        num_clients,
+        partition_by="label",
+        alpha=float(cfg["alpha"]),
+        min_partition_size=int(cfg["min_size"]),
+        self_balancing=False,
+        shuffle=True,
+        seed=seed,
     )
 
-    name = cfg["name"]
-    if name == "iid":
-        return IidPartitioner(num_clients)
-    if name == "dirichlet":
-        return DirichletPartitioner(
-            num_clients,
-            partition_by="label",
-            alpha=float(cfg["alpha"]),
-            min_partition_size=int(cfg["min_size"]),
-            self_balancing=False,
-            shuffle=True,
-            seed=seed,
-        )
-    if name == "pathological":
-        return PathologicalPartitioner(
-            num_clients,
-            partition_by="label",
-            num_classes_per_partition=int(cfg["classes_per_client"]),
-            class_assignment_mode="first-deterministic",  # every class is used
-            shuffle=True,
-            seed=seed,
-        )
-    if name == "shards":
-        return ShardPartitioner(
-            num_clients,
-            partition_by="label",
-            num_shards_per_partition=int(cfg["shards_per_client"]),
-            shuffle=True,
-            seed=seed,
-        )
-    raise ValueError(f"unknown partitioner {name!r}")  # validate() rejects it earlier
+
+@PARTITIONERS.register("pathological")
+def pathological(cfg: dict, num_clients: int, seed: int) -> Partitioner:
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    return PathologicalPartitioner(
+        num_clients,
+        partition_by="label",
+        num_classes_per_partition=int(cfg["classes_per_client"]),
+        class_assignment_mode="first-deterministic",  # every class is used
+        shuffle=True,
+        seed=seed,
+    )
+
+
+@PARTITIONERS.register("shards")
+def shards(cfg: dict, num_clients: int, seed: int) -> Partitioner:
+    from flwr_datasets.partitioner import ShardPartitioner
+
+    return ShardPartitioner(
+        num_clients,
+        partition_by="label",
+        num_shards_per_partition=int(cfg["shards_per_client"]),
+        shuffle=True,
+        seed=seed,
+    )
 
 
 def partition_labels(
@@ -86,7 +104,8 @@ def partition_labels(
     if cfg["name"] == "iid":
         order = numpy_rng(*keys, "iid-shuffle").permutation(len(labels))
     table = datasets.Dataset.from_dict({"label": labels[order], "idx": order})
-    part = _partitioner(cfg, num_clients, derive_seed(*keys, "partition") % (2**32))
+    build = PARTITIONERS.get(cfg["name"])  # validate() rejects an unknown name earlier
+    part = build(cfg, num_clients, derive_seed(*keys, "partition") % (2**32))
     part.dataset = table
     try:
         with warnings.catch_warnings():

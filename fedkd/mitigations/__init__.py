@@ -1,25 +1,45 @@
-"""Mitigations against forgetting across tasks, one file each (`lifelong.mitigation`)."""
+"""Mitigations against forgetting across tasks, one file each (conf/mitigation/)."""
 
 from __future__ import annotations
 
-from fedkd.mitigations.base import ClientExtras, ClientRound, Mitigation
-from fedkd.mitigations.client_lwf import ClientLwF
-from fedkd.mitigations.replay import Replay
-from fedkd.mitigations.review import Review
-from fedkd.mitigations.teacher_memory import TeacherMemory
+from typing import TYPE_CHECKING
 
-MITIGATIONS: dict[str, type[Mitigation]] = {
-    m.name: m for m in (Mitigation, TeacherMemory, ClientLwF, Review, Replay)
-}
+from fedkd.mitigations.base import (
+    MITIGATIONS,
+    ClientExtras,
+    ClientRound,
+    Mitigation,
+    MitigationParams,
+)
+
+if TYPE_CHECKING:
+    from fedkd.config import FedKDConfig
+
+
+def mitigation_class(name: str) -> type[Mitigation]:
+    return MITIGATIONS.get(name)
 
 
 def list_mitigations() -> list[str]:
-    return sorted(MITIGATIONS)
+    return MITIGATIONS.names()
 
 
-def build_mitigation(cfg: dict) -> Mitigation:
-    name = (cfg.get("lifelong") or {}).get("mitigation", "none")
-    return MITIGATIONS[name](cfg)
+def build_mitigation(cfg: FedKDConfig) -> Mitigation:
+    """The configured mitigation (`cfg.mitigation`), its parameters checked."""
+    from fedkd.config import parse_params
+
+    node = dict(cfg.mitigation)
+    cls = mitigation_class(node["name"])
+    return cls(cfg, parse_params(cls.Params, node, "mitigation", node["name"]))
 
 
-__all__ = ["ClientExtras", "ClientRound", "Mitigation", "build_mitigation", "list_mitigations"]
+__all__ = [
+    "MITIGATIONS",
+    "ClientExtras",
+    "ClientRound",
+    "Mitigation",
+    "MitigationParams",
+    "build_mitigation",
+    "list_mitigations",
+    "mitigation_class",
+]

@@ -1,25 +1,48 @@
-"""The mitigation interface: hooks on the server's round loop and on local training.
+"""The mitigation interface: hooks on the server's round and on a client's training.
 
-A mitigation fights forgetting across tasks. It is built on both sides from the same
-config (`lifelong.mitigation`); the server calls the server hooks from the strategy's
-round loop, the client calls `client_extras` before local training. The base class
-is `none`: naive fine-tuning, the baseline every other one is measured against.
+A mitigation fights forgetting across tasks. It is built on both sides from the
+same config node (`mitigation`, conf/mitigation/NAME.yaml): the round loop calls the
+server hooks (after `attach`ing the strategy), a client calls `client_extras` before
+local training and may let `client_train` replace it. The base class is `none`:
+naive fine-tuning, the baseline every other one is measured against.
+
+A new mitigation is one file in fedkd/mitigations/ (a class registered with
+`@MITIGATIONS.register("name")`, its settings a `Params` dataclass) plus
+`conf/mitigation/name.yaml`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
 from fedkd.protocol import ProxySegment, RoundPlan
+from fedkd.registry import Registry
+from fedkd.training import LocalTraining
 
 if TYPE_CHECKING:
+    from fedkd.config import FedKDConfig
     from fedkd.data.federated import FederatedData
-    from strategies.base import FederatedStrategy
+    from fedkd.round import Round
+    from strategies.base import Strategy
+
+MITIGATIONS: Registry[type[Mitigation]] = Registry(
+    "mitigation", "mitigation.name", ("fedkd.mitigations",)
+)
+
+
+@dataclass
+class MitigationParams:
+    """A mitigation's own settings (conf/mitigation/NAME.yaml); subclasses add fields."""
+
+    name: str = "none"
+
+    def check(self, cfg: FedKDConfig) -> None:
+        """Reject values the mitigation cannot use (raise ConfigError)."""
 
 
 @dataclass
@@ -36,6 +59,13 @@ class ClientRound:
     x: torch.Tensor
     y: torch.Tensor
     device: str
+    kd_x: torch.Tensor  # proxy items the teacher's soft labels are for
+    teacher_probs: torch.Tensor | None
+    generator: torch.Generator
+
+    @property
+    def training(self) -> LocalTraining:
+        return self.plan.training
 
 
 @dataclass
@@ -49,57 +79,76 @@ class ClientExtras:
     info: dict[str, float] = field(default_factory=dict)  # reported in the reply's metrics
 
 
+@MITIGATIONS.register("none")
 class Mitigation:
     """No mitigation: naive fine-tuning across tasks."""
 
-    name = "none"
-    needs_server_model = False  # e.g. teacher_memory: local and central have none
-    needs_clients = False  # client-side methods: central trains no clients
-    needs_proxy = False  # the round needs a proxy subset even if the strategy uses none
-    distills_server_model = False  # weight strategies run an extra server distillation
+    Params: ClassVar[type[MitigationParams]] = MitigationParams
+    name: ClassVar[str] = "none"
+    needs_server_model: ClassVar[bool] = False  # e.g. teacher_memory: local has none
+    needs_clients: ClassVar[bool] = False  # client-side methods: central trains no clients
+    needs_proxy: ClassVar[bool] = False  # the round needs proxy items the strategy may not
+    distills_server_model: ClassVar[bool] = False  # weight strategies distill once more
+    trains_on_private_data: ClassVar[bool] = False  # adds private-data losses (not DP-SGD)
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: FedKDConfig, params: MitigationParams) -> None:
+        params.check(cfg)
         self.cfg = cfg
-        self.params = cfg.get("lifelong") or {}
+        self.params = params
+        self.strategy: Strategy | None = None  # the server's, once attached
+
+    def check_config(self, cfg: FedKDConfig) -> None:
+        """Reject settings outside the mitigation's own that it cannot serve."""
+        from fedkd.config import require
+
+        if cfg.privacy.mode == "sample":
+            require(
+                not self.trains_on_private_data,
+                "mitigation",
+                self.name,
+                "none, teacher_memory or review with privacy.mode=sample "
+                f"({self.name} adds private-data losses outside DP-SGD)",
+            )
 
     # ------------------------------------------------------------- server side
-    def begin_round(self, strategy: FederatedStrategy, rnd: int) -> None:
+    def attach(self, strategy: Strategy) -> None:
+        """The server's strategy, set up; the server hooks act on it."""
+        self.strategy = strategy
+
+    def begin_round(self, r: Round) -> None:
         """Called once the round's clients and proxy subset are known."""
 
-    def extra_segments(self, strategy: FederatedStrategy, rnd: int) -> list[ProxySegment]:
+    def extra_segments(self, rnd: int) -> list[ProxySegment]:
         """Proxy items added to the round's subset (e.g. remembered past-task items)."""
         return []
 
-    def adjust_plan(
-        self, strategy: FederatedStrategy, rnd: int, pid: int, plan: RoundPlan
-    ) -> RoundPlan:
+    def adjust_plan(self, r: Round, pid: int, plan: RoundPlan) -> RoundPlan:
         return plan
 
     def client_payload(
-        self,
-        strategy: FederatedStrategy,
-        rnd: int,
-        pid: int,
-        plan: RoundPlan,
-        payload: dict[str, ArrayRecord],
+        self, r: Round, pid: int, plan: RoundPlan, payload: dict[str, ArrayRecord]
     ) -> dict[str, ArrayRecord]:
         return payload
 
     def teacher_batch(
-        self, strategy: FederatedStrategy, x: torch.Tensor, target: torch.Tensor
+        self, x: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The set the server model is distilled on: (inputs, targets, sample weights)."""
         return x, target, None
 
-    def on_task_end(self, strategy: FederatedStrategy, task: int) -> None:
+    def on_task_end(self, task: int) -> None:
         """Called after the last round of each task in the schedule."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any], strategy: FederatedStrategy) -> None:
-        """Restore `state_dict()` on resume (the strategy is set up and restored)."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` on resume (the strategy is attached and restored)."""
 
     # ------------------------------------------------------------- client side
     def client_extras(self, ctx: ClientRound) -> ClientExtras:
         return ClientExtras(ctx.x, ctx.y)
+
+    def client_train(self, ctx: ClientRound) -> float | None:
+        """Replace the client's local training this round (return its loss), or None."""
+        return None

@@ -11,14 +11,37 @@ Works with every strategy whose clients train (dsfl, fedmd, feddf, fedavg, local
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from fedkd.mitigations.base import ClientExtras, ClientRound, Mitigation
+from fedkd.config import require
+from fedkd.mitigations.base import (
+    MITIGATIONS,
+    ClientExtras,
+    ClientRound,
+    Mitigation,
+    MitigationParams,
+)
 from fedkd.training import soft_labels
 
+if TYPE_CHECKING:
+    from fedkd.config import FedKDConfig
 
+
+@dataclass
+class ClientLwFParams(MitigationParams):
+    lwf_weight: float = 1.0  # weight of the KD toward the previous student
+
+    def check(self, cfg: FedKDConfig) -> None:
+        require(self.lwf_weight >= 0, "mitigation.lwf_weight", self.lwf_weight, "a number >= 0")
+
+
+@MITIGATIONS.register("client_lwf")
 class ClientLwF(Mitigation):
+    Params = ClientLwFParams
     name = "client_lwf"
     needs_clients = True
+    trains_on_private_data = True
 
     def client_extras(self, ctx: ClientRound) -> ClientExtras:
         if ctx.new_task:
@@ -27,6 +50,5 @@ class ClientLwF(Mitigation):
             return ClientExtras(ctx.x, ctx.y)
         prev = copy.deepcopy(ctx.student)
         prev.load_state_dict(ctx.state["prev_model"])
-        tau = ctx.plan.temperature
-        probs = soft_labels(prev, ctx.x, tau, device=ctx.device)
-        return ClientExtras(ctx.x, ctx.y, probs, float(self.params.get("lwf_weight", 1.0)))
+        probs = soft_labels(prev, ctx.x, ctx.training.temperature, device=ctx.device)
+        return ClientExtras(ctx.x, ctx.y, probs, self.params.lwf_weight)

@@ -14,42 +14,61 @@ on its own outputs on the round's subset). Not with `local` (no server model).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedkd.mitigations.base import Mitigation
+from fedkd.config import require
+from fedkd.mitigations.base import MITIGATIONS, Mitigation, MitigationParams
 from fedkd.protocol import ProxySegment
 from fedkd.seeding import derive_seed
 from fedkd.training import soft_labels
 
+if TYPE_CHECKING:
+    from fedkd.config import FedKDConfig
 
+
+@dataclass
+class TeacherMemoryParams(MitigationParams):
+    memory_weight: float = 0.5  # share of the teacher loss on the memory
+    memory_size: int = 1000  # proxy items remembered per past task
+
+    def check(self, cfg: FedKDConfig) -> None:
+        w, size = self.memory_weight, self.memory_size
+        require(0 <= w < 1, "mitigation.memory_weight", w, "in [0, 1)")
+        require(size >= 1, "mitigation.memory_size", size, "an integer >= 1")
+
+
+@MITIGATIONS.register("teacher_memory")
 class TeacherMemory(Mitigation):
+    Params = TeacherMemoryParams
     name = "teacher_memory"
     needs_server_model = True
     needs_proxy = True  # the current subset anchors new knowledge during memory distillation
     distills_server_model = True
 
-    def __init__(self, cfg: dict) -> None:
-        super().__init__(cfg)
-        self.weight = float(self.params.get("memory_weight", 0.5))
-        self.size = int(self.params.get("memory_size", 1000))
+    def __init__(self, cfg: FedKDConfig, params: TeacherMemoryParams) -> None:
+        super().__init__(cfg, params)
+        self.weight = params.memory_weight
+        self.size = params.memory_size
         self.memory: list[tuple[ProxySegment, torch.Tensor]] = []
 
-    def on_task_end(self, strategy, task: int) -> None:
+    def on_task_end(self, task: int) -> None:
+        strategy = self.strategy
         data = strategy.data
         count = min(self.size, data.proxy_pool_size(task))
         seg = ProxySegment(task, derive_seed(strategy.seed, task, "teacher-memory"), count)
         x = data.proxy_inputs([seg])
-        tau = float(self.cfg["distill"]["temperature"])
+        tau = self.cfg.distill.temperature
         self.memory.append(
             (seg, soft_labels(strategy.server_model, x, tau, device=strategy.device))
         )
 
-    def teacher_batch(self, strategy, x: torch.Tensor, target: torch.Tensor):
+    def teacher_batch(self, x: torch.Tensor, target: torch.Tensor):
         if not self.memory or self.weight <= 0:
             return x, target, None
-        mem_x = strategy.data.proxy_inputs([seg for seg, _ in self.memory])
+        mem_x = self.strategy.data.proxy_inputs([seg for seg, _ in self.memory])
         mem_t = torch.cat([probs for _, probs in self.memory])
         # memory items share `weight` of the total mass, current items the rest
         w_new = torch.full((len(x),), (1 - self.weight) / max(len(x), 1))
@@ -59,5 +78,5 @@ class TeacherMemory(Mitigation):
     def state_dict(self) -> dict[str, Any]:
         return {"memory": [((s.task, s.seed, s.count), p) for s, p in self.memory]}
 
-    def load_state_dict(self, state: dict[str, Any], strategy) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.memory = [(ProxySegment(*seg), probs) for seg, probs in state["memory"]]

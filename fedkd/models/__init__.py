@@ -12,18 +12,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedkd.registry import Registry
 from fedkd.seeding import derive_seed
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# builders are registered under their function name; the zoo is imported on first use
+MODELS: Registry[Callable[..., nn.Module]] = Registry(
+    "model", "model.student", modules=("fedkd.models.zoo",)
+)
 
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _REGISTRY[fn.__name__] = fn
-    return fn
+register_model = MODELS.register()  # `@register_model`, as a bare decorator
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def create_model(
@@ -35,19 +36,16 @@ def create_model(
     **kwargs: object,
 ) -> nn.Module:
     """Build a registered model; with `seed`, its initial weights are a pure function of it."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    build = MODELS.get(name)  # ConfigError naming the registered models
     if seed is None:
-        return _REGISTRY[name](num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+        return build(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(*seed))
-        return _REGISTRY[name](num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+        return build(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-from fedkd.models import zoo  # noqa: E402,F401  (registers the zoo)
-
-__all__ = ["count_parameters", "create_model", "list_models", "register_model"]
+__all__ = ["MODELS", "count_parameters", "create_model", "list_models", "register_model"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedkd.models import register_model
+from fedkd.models import MODELS
 
 
 class ConvNet(nn.Module):
@@ -47,19 +47,19 @@ class ConvNet(nn.Module):
         return self.head(self.features(x.contiguous(memory_format=torch.channels_last)))
 
 
-@register_model
+@MODELS.register()
 def cnn_small(num_classes: int, input_shape: tuple[int, int, int], width: int = 16) -> nn.Module:
     """~106k parameters on 28x28x1: the default student."""
     return ConvNet(num_classes, input_shape, (width, 2 * width), hidden=64)
 
 
-@register_model
+@MODELS.register()
 def cnn(num_classes: int, input_shape: tuple[int, int, int], width: int = 32) -> nn.Module:
     """~421k parameters on 28x28x1: the default server teacher."""
     return ConvNet(num_classes, input_shape, (width, 2 * width), hidden=128)
 
 
-@register_model
+@MODELS.register()
 def mlp(num_classes: int, input_shape: tuple[int, int, int], hidden: int = 128) -> nn.Module:
     """Two hidden layers on the flattened image."""
     c, h, w = input_shape
@@ -115,13 +115,13 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-@register_model
+@MODELS.register()
 def resnet8(num_classes: int, input_shape: tuple[int, int, int], width: int = 16) -> nn.Module:
     """ResNet-8 as in FedDF (~78k parameters at width 16)."""
     return ResNet(num_classes, input_shape, blocks=1, width=width)
 
 
-@register_model
+@MODELS.register()
 def resnet20(num_classes: int, input_shape: tuple[int, int, int], width: int = 16) -> nn.Module:
     """ResNet-20 (~272k parameters at width 16)."""
     return ResNet(num_classes, input_shape, blocks=3, width=width)

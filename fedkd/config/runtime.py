@@ -1,0 +1,119 @@
+"""Config sections of the run: simulation resources, injected faults, privacy, output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedkd.config.checks import one_of, require
+
+if TYPE_CHECKING:
+    from fedkd.config import FedKDConfig
+
+
+@dataclass
+class SimulationConfig:
+    num_cpus: int = 1  # per client (Ray resources); also torch threads per client
+    num_gpus: Any = 0  # per client: a fraction, or "auto" (share visible GPUs, 0 on CPU)
+    ray_address: str | None = None  # join an existing Ray cluster ("auto" or host:port)
+    register_timeout: float = 120.0  # seconds to wait for all nodes before round 1
+    round_timeout: float | None = None  # seconds; late replies are dropped
+    client_state_dir: str | None = None  # default: <run dir>/client_state
+    keep_client_state: bool = True
+    fast_dispatch: bool = True  # fedkd/flower_patches.py: O(messages) delivery, 10 ms polling
+    verbose: bool = False  # show Flower's and Ray's own logs
+
+    def check(self) -> None:
+        require(self.num_cpus >= 1, "simulation.num_cpus", self.num_cpus, "a whole number >= 1")
+        gpus = self.num_gpus
+        require(
+            gpus == "auto"
+            or (isinstance(gpus, int | float) and not isinstance(gpus, bool) and gpus >= 0),
+            "simulation.num_gpus",
+            gpus,
+            '"auto" or a number >= 0 (a fraction shares a GPU between clients)',
+        )
+        require(
+            self.register_timeout > 0, "simulation.register_timeout", self.register_timeout, "> 0"
+        )
+        require(
+            self.round_timeout is None or self.round_timeout > 0,
+            "simulation.round_timeout",
+            self.round_timeout,
+            "null (wait for every reply) or a number of seconds > 0",
+        )
+
+
+@dataclass
+class FaultsConfig:
+    """Injected client faults (fedkd/faults.py); probabilities per client and round."""
+
+    client_crash_prob: float = 0.0
+    straggler_prob: float = 0.0
+    straggler_delay: float = 30.0  # seconds a straggler sleeps before replying
+    corrupt_prob: float = 0.0
+    corrupt_mode: str = "nan"  # nan | garbage
+    adversarial_fraction: float = 0.0  # share of partitions sending hostile logits
+    adversarial_mode: str = "flipped"  # flipped | uniform | extreme
+    min_replies: int = 1  # fewer valid replies than this: the round is skipped
+
+    def check(self, cfg: FedKDConfig) -> None:
+        from fedkd.faults import ADVERSARIAL_MODES, CORRUPT_MODES
+
+        for key in ("client_crash_prob", "straggler_prob", "corrupt_prob", "adversarial_fraction"):
+            value = getattr(self, key)
+            require(0 <= value <= 1, f"faults.{key}", value, "a probability in [0, 1]")
+        total = self.client_crash_prob + self.straggler_prob + self.corrupt_prob
+        require(
+            total <= 1,
+            "faults.corrupt_prob",
+            self.corrupt_prob,
+            f"at most 1 - client_crash_prob - straggler_prob (the three sum to {total:g})",
+        )
+        require(
+            self.straggler_delay >= 0,
+            "faults.straggler_delay",
+            self.straggler_delay,
+            ">= 0 seconds",
+        )
+        for key, modes in (
+            ("corrupt_mode", CORRUPT_MODES),
+            ("adversarial_mode", ADVERSARIAL_MODES),
+        ):
+            value = getattr(self, key)
+            require(value in modes, f"faults.{key}", value, one_of(list(modes)))
+        require(
+            1 <= self.min_replies <= cfg.clients_per_round,
+            "faults.min_replies",
+            self.min_replies,
+            f"an integer from 1 to clients_per_round ({cfg.clients_per_round})",
+        )
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy (fedkd/privacy/): none, sample (DP-SGD) or client (uploads)."""
+
+    mode: str = "none"  # none | sample | client
+    noise_multiplier: float = 1.0  # noise std over the L2 sensitivity
+    max_grad_norm: float = 1.0  # sample: per-example gradient clip
+    clip_norm: float = 5.0  # client: L2 bound on each row of a client's logits
+    delta: float = 1e-5
+
+    def check(self) -> None:
+        from fedkd.privacy import MODES
+
+        require(self.mode in MODES, "privacy.mode", self.mode, one_of(list(MODES)))
+        require(
+            self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, ">= 0"
+        )
+        require(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "a number > 0")
+        require(self.clip_norm > 0, "privacy.clip_norm", self.clip_norm, "a number > 0")
+        require(0 < self.delta < 1, "privacy.delta", self.delta, "a number in (0, 1)")
+
+
+@dataclass
+class OutputConfig:
+    plots: bool = True
+    progress: bool = True
+    checkpoint: bool = True

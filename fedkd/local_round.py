@@ -1,0 +1,242 @@
+"""One client's round, without Flower: the server's download in, the upload out.
+
+    load the student          (client store, or a fresh seeded one; FedAvg: weights)
+    read the teacher's labels (checked against the plan's codec and shape)
+    train                     (the mitigation may extend or replace it; DP-SGD if set)
+    evaluate and reply        (logits on the proxy subset, or weights; metrics)
+
+The ClientApp (fedkd/client.py) wraps `client_reply` in Flower messages;
+`fedkd-bench` calls it directly to measure the same work without the engine.
+See docs/design.md, "One round, as data flows".
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import nn
+
+from fedkd.client_store import ClientStore
+from fedkd.comm.codecs import check, decode, encode
+from fedkd.config import FedKDConfig, typed
+from fedkd.data.device import device_federated_data
+from fedkd.data.federated import FederatedData, federated_data
+from fedkd.mitigations import ClientRound, Mitigation, build_mitigation
+from fedkd.models import create_model
+from fedkd.privacy import gaussian_epsilon
+from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
+from fedkd.protocol import (
+    CONFIG,
+    INFO,
+    KNOWLEDGE,
+    LOGITS,
+    METRICS,
+    REPLY_LOGITS,
+    REPLY_WEIGHTS,
+    SOFT_LABELS,
+    TEACHER,
+    WEIGHTS,
+    InvalidReply,
+    RoundPlan,
+)
+from fedkd.resources import client_device, in_ray_worker
+from fedkd.seeding import torch_generator
+from fedkd.training import accuracy, predict_logits, train_student
+
+
+@dataclass
+class ClientRuntime:
+    """What a worker process loads once and reuses for every client it serves."""
+
+    cfg: FedKDConfig
+    data: FederatedData
+    store: ClientStore
+    device: str
+    mitigation: Mitigation
+
+
+@lru_cache(maxsize=2)
+def _runtime(cfg_key: str) -> ClientRuntime:
+    plain = json.loads(cfg_key)
+    cfg = typed(plain)
+    sim = cfg.simulation
+    if in_ray_worker():
+        torch.set_num_threads(sim.num_cpus)
+    store_dir = sim.client_state_dir or str(Path.cwd() / "client_state")
+    node = plain.get("node") or {}  # set by fedkd.app on a SuperNode with its own data
+    if node.get("data-path"):
+        data = device_federated_data(plain, node["partition-id"], node["data-path"], node["bundle"])
+    else:
+        data = federated_data(plain)
+    device = client_device(float(sim.num_gpus))
+    return ClientRuntime(cfg, data, ClientStore(store_dir), device, build_mitigation(cfg))
+
+
+def client_runtime(plain: dict[str, Any]) -> ClientRuntime:
+    """This process's runtime for the plain config, built on the first call."""
+    from fedkd.registry import import_plugins
+
+    import_plugins(plain.get("plugins") or [])  # before the mitigation is looked up
+    return _runtime(json.dumps(plain, sort_keys=True))
+
+
+def new_student(cfg: FedKDConfig | dict, data: FederatedData, partition_id: int) -> nn.Module:
+    cfg = cfg if isinstance(cfg, FedKDConfig) else typed(cfg)
+    return create_model(
+        cfg.model.student_of(partition_id),
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        seed=(cfg.seed, partition_id, "student-init"),
+        **cfg.model.student_kwargs,
+    )
+
+
+def evaluate_tasks(model: nn.Module, data: FederatedData, device: str) -> list[float]:
+    """A student's accuracy on every task's (client) test data."""
+    return [accuracy(model, x, y, device=device) for x, y in data.client_task_tests]
+
+
+def teacher_labels(
+    plan: RoundPlan, arrays: dict[str, ArrayRecord], proxy_x: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The proxy items the teacher's soft labels cover, and the labels (None: none sent)."""
+    if TEACHER not in arrays:
+        return proxy_x, None
+    rows = plan.teacher_rows(len(proxy_x))
+    kd_x = proxy_x[torch.from_numpy(rows)] if len(rows) < len(proxy_x) else proxy_x
+    shape = (len(kd_x), num_classes)
+    try:
+        check(arrays[TEACHER], plan.teacher_codec, SOFT_LABELS, shape)
+    except InvalidReply as exc:
+        raise ValueError(f"malformed teacher soft labels from the server: {exc}") from None
+    return kd_x, decode(arrays[TEACHER], SOFT_LABELS, plan.teacher_codec, shape, "probs")
+
+
+def train_round(runtime: ClientRuntime, ctx: ClientRound) -> tuple[float, dict[str, float]]:
+    """Local training as the mitigation and the privacy mode say; (loss, metrics)."""
+    loss = runtime.mitigation.client_train(ctx)
+    if loss is not None:
+        return loss, {}
+    extras = runtime.mitigation.client_extras(ctx)
+    if runtime.cfg.privacy.mode == "sample":
+        loss = train_private(runtime, ctx, extras.x, extras.y)
+    else:
+        loss = train_student(
+            ctx.student,
+            extras.x,
+            extras.y,
+            ctx.training,
+            ctx.generator,
+            proxy_x=ctx.kd_x,
+            teacher_probs=ctx.teacher_probs,
+            device=runtime.device,
+            private_probs=extras.private_probs,
+            private_weight=extras.private_weight,
+        )
+    ctx.state["task"] = ctx.plan.task
+    return loss, extras.info
+
+
+def client_reply(plain: dict[str, Any], pid: int, download: RecordDict) -> RecordDict:
+    """One client's round: the server's download in, the client's upload out."""
+    started = time.perf_counter()
+    runtime = client_runtime(plain)
+    cfg, data = runtime.cfg, runtime.data
+    plan = RoundPlan.from_record(download.config_records[CONFIG])
+    arrays = download.array_records
+
+    state = runtime.store.load(pid, before_round=plan.round) or {}
+    student = new_student(cfg, data, pid)
+    metrics: dict[str, Any] = {}
+    if "model" in state:
+        student.load_state_dict(state["model"])
+    elif data.stream.lifelong:
+        metrics["initial-task-accuracy"] = evaluate_tasks(student, data, runtime.device)  # b_j
+    if WEIGHTS in arrays:
+        student.load_state_dict(arrays[WEIGHTS].to_torch_state_dict())
+
+    proxy_x = data.proxy_inputs(list(plan.proxy))
+    kd_x, teacher_probs = teacher_labels(plan, arrays, proxy_x, data.num_classes)
+    x, y = data.client_data(pid, plan.task)
+    previous = state.get("task")
+    ctx = ClientRound(
+        data=data,
+        partition_id=pid,
+        plan=plan,
+        student=student,
+        state=state,
+        new_task=previous is not None and previous != plan.task,
+        previous_task=previous,
+        x=x,
+        y=y,
+        device=runtime.device,
+        kd_x=kd_x,
+        teacher_probs=teacher_probs,
+        generator=torch_generator(cfg.seed, plan.round, pid, "local-train"),
+    )
+    loss, info = train_round(runtime, ctx)
+    metrics.update(info)
+    if cfg.privacy.mode == "sample":
+        metrics["dp-epsilon"] = private_epsilon(cfg, state)
+    task_acc = evaluate_tasks(student, data, runtime.device)
+    metrics.update(
+        {
+            "num-examples": len(y),
+            "train-loss": float(loss),
+            "test-accuracy": float(sum(task_acc) / len(task_acc)),
+        }
+    )
+    if data.stream.lifelong:
+        metrics["task-accuracy"] = task_acc
+    content = RecordDict({METRICS: MetricRecord(metrics)})
+    if plan.reply == REPLY_LOGITS:
+        logits = predict_logits(student, proxy_x, device=runtime.device)
+        content[KNOWLEDGE] = encode(logits, plan.codec, LOGITS, kind="logits")
+    elif plan.reply == REPLY_WEIGHTS:
+        content[WEIGHTS] = ArrayRecord(student.cpu().state_dict())
+    state["model"] = student.cpu().state_dict()
+    runtime.store.save(pid, state, plan.round)
+    content[METRICS]["compute-seconds"] = time.perf_counter() - started
+    content[INFO] = ConfigRecord(worker_info())
+    return content
+
+
+def train_private(
+    runtime: ClientRuntime, ctx: ClientRound, x: torch.Tensor, y: torch.Tensor
+) -> float:
+    """DP-SGD on the private data (privacy.mode=sample); the DP steps taken are added
+    to the client's accounting history, kept with its state as {sample rate: steps}."""
+    pv, hp = runtime.cfg.privacy, ctx.training
+    dp = DPSGD(pv.noise_multiplier, pv.max_grad_norm)
+    loss, steps = dp_train_student(
+        ctx.student, x, y, hp, dp, ctx.generator, ctx.kd_x, ctx.teacher_probs, device=runtime.device
+    )
+    rate, _ = dp_steps_per_round(len(y), hp.batch_size, hp.epochs)
+    history = ctx.state.setdefault("dp-history", {})
+    key = repr(float(rate))
+    history[key] = history.get(key, 0) + steps
+    return loss
+
+
+def private_epsilon(cfg: FedKDConfig, state: dict[str, Any]) -> float:
+    """This client's epsilon so far, over every DP-SGD step it has taken."""
+    events = [(float(q), n) for q, n in state.get("dp-history", {}).items()]
+    return gaussian_epsilon(cfg.privacy.noise_multiplier, events, cfg.privacy.delta)
+
+
+def worker_info() -> dict[str, str]:
+    """Where this client ran: the host and, in simulation, the Ray node."""
+    info = {"host": socket.gethostname(), "ray-node": ""}
+    if in_ray_worker():
+        import ray
+
+        info["ray-node"] = ray.get_runtime_context().get_node_id()
+    return info

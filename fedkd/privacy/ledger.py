@@ -1,0 +1,69 @@
+"""The server's privacy ledger: every privacy cost of the run, in one place.
+
+- `privacy.mode=sample`: clients run DP-SGD and account for themselves; the ledger
+  keeps the epsilon each one last reported and reports the worst-off client's.
+- `privacy.mode=client`: the server adds the noise (`noisy_mean`), so the ledger
+  both applies the mechanism and counts it; nothing can be noised without being
+  accounted. Epsilon is composed over the noised rounds at the client sampling
+  rate (see fedkd/privacy/__init__.py for the approximation).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedkd.privacy.accounting import gaussian_epsilon
+from fedkd.privacy.upload import noisy_mean
+from fedkd.seeding import torch_generator
+
+if TYPE_CHECKING:
+    from fedkd.config import FedKDConfig
+
+
+class PrivacyLedger:
+    def __init__(self, cfg: FedKDConfig) -> None:
+        self.privacy = cfg.privacy
+        self.seed = cfg.seed
+        self.sample_rate = cfg.clients_per_round / cfg.num_clients
+        self.client_epsilon: dict[int, float] = {}  # sample: as clients report it
+        self.noised_rounds = 0  # client: noised aggregations so far
+
+    @property
+    def client_level(self) -> bool:
+        return self.privacy.mode == "client"
+
+    def record_reply(self, partition_id: int, metrics: dict[str, Any]) -> None:
+        """Keep what a valid reply says about its client's own DP-SGD spending."""
+        if "dp-epsilon" in metrics:
+            self.client_epsilon[partition_id] = float(metrics["dp-epsilon"])
+
+    def noisy_mean(self, uploads: torch.Tensor, rnd: int) -> torch.Tensor:
+        """(K, n, C) uploads -> (n, C): the client-level DP mean of round `rnd`."""
+        pv = self.privacy
+        gen = torch_generator(self.seed, rnd, "dp-noise")
+        mean = noisy_mean(uploads, pv.clip_norm, pv.noise_multiplier, gen)
+        self.noised_rounds += 1
+        return mean
+
+    def stats(self) -> dict[str, float]:
+        """The privacy spent so far: epsilon at delta, for the worst-off client's data
+        (sample), or for any client's participation (client)."""
+        pv = self.privacy
+        if pv.mode == "none":
+            return {}
+        if pv.mode == "sample":
+            eps = max(self.client_epsilon.values(), default=0.0)
+        else:
+            eps = gaussian_epsilon(
+                pv.noise_multiplier, [(self.sample_rate, self.noised_rounds)], pv.delta
+            )
+        return {"epsilon": eps, "delta": pv.delta, "noise_multiplier": pv.noise_multiplier}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"client_epsilon": dict(self.client_epsilon), "noised_rounds": self.noised_rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.client_epsilon = {int(k): float(v) for k, v in state["client_epsilon"].items()}
+        self.noised_rounds = int(state["noised_rounds"])
