@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from fedkd.compose import compose_config
+from fedkd.config import typed
 from fedkd.errors import ConfigError, FedKDError
 from fedkd.resources import resolve_num_gpus
 
@@ -137,7 +138,7 @@ def _client_app(cfg_key: str) -> ClientApp:
 
     cfg = json.loads(cfg_key)
     # As a simulated client does: simulation.num_cpus torch threads (and the same sums)
-    torch.set_num_threads(int(cfg["simulation"]["num_cpus"]))
+    torch.set_num_threads(typed(cfg).simulation.num_cpus)
     return build_client_app(cfg)
 
 

@@ -59,12 +59,13 @@ def handle_query(plain: dict[str, Any], message: Message, context: Context) -> M
 def handle_train(plain: dict[str, Any], message: Message, context: Context) -> Message:
     pid = partition_id_of(context)
     plan = RoundPlan.from_record(message.content.config_records[CONFIG])
-    faults.before_round(plain, plan.round, pid)  # an injected crash or stall, if any
+    runtime = client_runtime(plain)
+    faults.before_round(runtime.cfg, plan.round, pid)  # an injected crash or stall, if any
     content = client_reply(plain, pid, message.content)
-    shape = (plan.proxy_count, client_runtime(plain).data.num_classes)
+    shape = (plan.proxy_count, runtime.data.num_classes)
     logits = plan.reply == REPLY_LOGITS
     faults.after_round(
-        plain,
+        runtime.cfg,
         plan.round,
         pid,
         content,

@@ -19,12 +19,16 @@ rejects them; robust aggregation (`strategy.aggregator`) is what limits them.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedkd.seeding import derive_seed, numpy_rng
+
+if TYPE_CHECKING:
+    from fedkd.config import FedKDConfig
 
 CRASH, STRAGGLE, CORRUPT = "crash", "straggle", "corrupt"
 CORRUPT_MODES = ("nan", "garbage")
@@ -35,31 +39,31 @@ class InjectedCrash(RuntimeError):
     """A client failure that fedkd injected on purpose."""
 
 
-def round_fault(cfg: dict, rnd: int, pid: int) -> str | None:
+def round_fault(cfg: FedKDConfig, rnd: int, pid: int) -> str | None:
     """The fault partition `pid` suffers in round `rnd` (None: none)."""
-    f = cfg["faults"]
-    u = numpy_rng(cfg["seed"], rnd, pid, "fault").random()
-    for name, p in ((CRASH, f["client_crash_prob"]), (STRAGGLE, f["straggler_prob"])):
+    f = cfg.faults
+    u = numpy_rng(cfg.seed, rnd, pid, "fault").random()
+    for name, p in ((CRASH, f.client_crash_prob), (STRAGGLE, f.straggler_prob)):
         if u < p:
             return name
         u -= p
-    return CORRUPT if u < f["corrupt_prob"] else None
+    return CORRUPT if u < f.corrupt_prob else None
 
 
-def adversaries(cfg: dict) -> set[int]:
+def adversaries(cfg: FedKDConfig) -> set[int]:
     """The partitions that send hostile knowledge: fixed for the run, seeded."""
-    n, frac = int(cfg["num_clients"]), float(cfg["faults"]["adversarial_fraction"])
+    n, frac = cfg.num_clients, cfg.faults.adversarial_fraction
     k = round(n * frac)
-    return set(numpy_rng(cfg["seed"], "adversaries").choice(n, size=k, replace=False).tolist())
+    return set(numpy_rng(cfg.seed, "adversaries").choice(n, size=k, replace=False).tolist())
 
 
-def before_round(cfg: dict, rnd: int, pid: int) -> None:
+def before_round(cfg: FedKDConfig, rnd: int, pid: int) -> None:
     """Crash or stall the client, if that is its fault this round."""
     fault = round_fault(cfg, rnd, pid)
     if fault == CRASH:
         raise InjectedCrash(f"injected crash of partition {pid} in round {rnd}")
     if fault == STRAGGLE:
-        time.sleep(float(cfg["faults"]["straggler_delay"]))
+        time.sleep(cfg.faults.straggler_delay)
 
 
 def hostile_logits(logits: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
@@ -77,12 +81,12 @@ def hostile_logits(logits: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
     raise ValueError(f"unknown adversarial mode {mode!r}")
 
 
-def corrupt_reply(cfg: dict, rnd: int, pid: int, content: RecordDict, key: str) -> None:
+def corrupt_reply(cfg: FedKDConfig, rnd: int, pid: int, content: RecordDict, key: str) -> None:
     """Replace every array of the reply's `key` record with NaN or random bytes."""
     if key not in content.array_records:
         return
-    mode = cfg["faults"]["corrupt_mode"]
-    rng = numpy_rng(cfg["seed"], rnd, pid, "corrupt")
+    mode = cfg.faults.corrupt_mode
+    rng = numpy_rng(cfg.seed, rnd, pid, "corrupt")
     record = content.array_records[key]
     bad = ArrayRecord()
     for name in list(record.keys()):
@@ -99,19 +103,19 @@ def corrupt_reply(cfg: dict, rnd: int, pid: int, content: RecordDict, key: str) 
 
 
 def after_round(
-    cfg: dict, rnd: int, pid: int, content: RecordDict, key: str, recode_logits
+    cfg: FedKDConfig, rnd: int, pid: int, content: RecordDict, key: str, recode_logits
 ) -> None:
     """Turn an adversary's knowledge hostile, or corrupt the reply, in place.
 
     `recode_logits(record, transform)` rewrites the logits in the reply's codec (see
     comm.codecs.recode); None for replies that carry weights, which adversaries leave
     alone."""
-    f = cfg["faults"]
+    f = cfg.faults
     if recode_logits is not None and key in content.array_records and pid in adversaries(cfg):
-        seed = derive_seed(cfg["seed"], rnd, pid, "adversary")
+        seed = derive_seed(cfg.seed, rnd, pid, "adversary")
         content.array_records[key] = recode_logits(
             content.array_records[key],
-            lambda logits: hostile_logits(logits, f["adversarial_mode"], seed),
+            lambda logits: hostile_logits(logits, f.adversarial_mode, seed),
         )
     if round_fault(cfg, rnd, pid) == CORRUPT:
         corrupt_reply(cfg, rnd, pid, content, key)

@@ -20,188 +20,23 @@ and is excluded; process start-up is reported as `startup_seconds`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
+from simulations.bench_measure import (
+    machine,
+    parallel_efficiency,
+    run_bound,
+    run_simulator,
+    student_parameters,
+)
 from simulations.cli import run_cli
 
 PROG = "fedkd-bench"
-QUIET = ("output.plots=false", "output.progress=false", "output.checkpoint=false")
-
-
-class TreeRSS:
-    """Peak resident memory of a process and all its descendants, sampled."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.peak = 0
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        import psutil
-
-        total = 0
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        for p in procs:
-            with contextlib.suppress(psutil.Error):  # a process may exit meanwhile
-                total += p.memory_info().rss
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> TreeRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._sample())
-
-
-def steady(values: list[float]) -> float:
-    """Mean over rounds after the first (the first warms caches and actors)."""
-    rest = values[1:] or values
-    return sum(rest) / len(rest)
-
-
-def run_simulator(overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "simulations.run", *overrides, *QUIET, f"hydra.run.dir={run_dir}"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with TreeRSS(proc.pid) as rss:
-        _, err = proc.communicate()
-    total = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.stderr.write(err[-4000:])
-        raise SystemExit(proc.returncode)
-    from fedkd.results import read_metrics
-
-    rows = read_metrics(run_dir)
-    rounds = [r["wall_seconds"] for r in rows]
-
-    def per_reply(key: str) -> float:  # round 1 of a soft-label run has no teacher to send
-        return steady([r[key] / r["replies"] if r.get("replies") else 0.0 for r in rows])
-
-    return {
-        "sim_round_seconds": steady(rounds),
-        "sim_first_round_seconds": rounds[0],
-        "sim_total_seconds": total,
-        "startup_seconds": total - sum(rounds),
-        "peak_rss_mb": rss.peak / 2**20,
-        "bytes_up_per_client_round": per_reply("bytes_up"),
-        "bytes_down_per_client_round": per_reply("bytes_down"),
-        "sim_teacher_accuracy": [r["teacher_accuracy"] for r in rows],
-        "sim_client_compute_seconds": steady(
-            [r.get("client_compute_seconds") or 0.0 for r in rows]
-        ),
-        "sim_server_seconds": steady([r.get("server_seconds") or 0.0 for r in rows]),
-    }
-
-
-def run_bound(config_path: Path, work_dir: Path) -> dict[str, Any]:
-    """The same rounds, sequential, in this process, torch on every core: the round
-    loop with the client function called directly (no engine, no messages)."""
-    import resource
-
-    import torch
-    import yaml
-
-    from fedkd.local_round import client_reply
-    from fedkd.round_loop import DirectTransport, run_rounds
-    from fedkd.server_state import build_server_state
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    cfg = yaml.safe_load(config_path.read_text())
-    cfg["simulation"]["client_state_dir"] = str(work_dir / "client_state")
-    cfg["output"]["checkpoint"] = False
-    state = build_server_state(cfg, "cpu")
-    state.population = list(range(state.cfg.num_clients))
-    rows = RowList()
-    run_rounds(state, DirectTransport(lambda pid, content: client_reply(cfg, pid, content)), rows)
-    times = [r["wall_seconds"] for r in rows]
-    return {
-        "bound_round_seconds": steady(times),
-        "bound_first_round_seconds": times[0],
-        "bound_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "bound_teacher_accuracy": [r.get("teacher_accuracy") for r in rows],
-        "bound_torch_threads": torch.get_num_threads(),
-    }
-
-
-class RowList(list):
-    """A recorder that only keeps the rows."""
-
-    def log_round(self, row: dict[str, Any]) -> None:
-        self.append(row)
-
-
-def parallel_efficiency(result: dict[str, Any]) -> float | None:
-    """How busy the simulator kept its client slots: the summed client compute of a
-    round over (slots x the round's client phase). 1.0 means no slot ever idled."""
-    slots = (os.cpu_count() or 1) // max(1, result["sim_torch_threads_per_client"])
-    client_phase = result["sim_round_seconds"] - result["sim_server_seconds"]
-    if client_phase <= 0 or not result["sim_client_compute_seconds"]:
-        return None
-    return result["sim_client_compute_seconds"] / (max(1, slots) * client_phase)
-
-
-def student_parameters(cfg: Any) -> int:
-    from fedkd.data.datasets import num_classes_of
-    from fedkd.models import create_model
-
-    shape = (3, 32, 32) if cfg.dataset.name == "cifar10" else (1, 28, 28)
-    if cfg.dataset.name == "synthetic":
-        syn = cfg.dataset.synthetic
-        shape = (syn.channels, syn.image_size, syn.image_size)
-    model = create_model(
-        cfg.model.student, num_classes=num_classes_of(cfg.dataset), input_shape=shape, seed=(0,)
-    )
-    return sum(p.numel() for p in model.parameters())
-
-
-def machine() -> dict[str, Any]:
-    import flwr
-    import ray
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "flwr": flwr.__version__,
-        "ray": ray.__version__,
-        "date": date.today().isoformat(),
-    }
 
 
 def bench(name: str, overrides: list[str], out: str | None, bound: bool) -> dict[str, Any]:

@@ -41,8 +41,8 @@ def fedkd_sim(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
             "lifelong.rounds_per_task=5",
         ),
         (
-            ["lifelong=class_incremental", "lifelong.mitigation=dream"],
-            "lifelong.mitigation='dream'",
+            ["lifelong=class_incremental", "mitigation=dream"],
+            "mitigation='dream' is not allowed: one of client_lwf, none, replay",
         ),
         (
             [
@@ -55,8 +55,8 @@ def fedkd_sim(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
             "lifelong.task_classes",
         ),
         (
-            ["strategy=local", "lifelong.mitigation=teacher_memory"],
-            "lifelong.mitigation='teacher_memory'",
+            ["strategy=local", "mitigation=teacher_memory"],
+            "mitigation='teacher_memory'",
         ),
     ],
 )

@@ -8,24 +8,17 @@ import pytest
 import torch
 
 from fedkd import faults
+from fedkd.config import FaultsConfig, FedKDConfig, typed
 from fedkd.distill import coordinate_median, mean_logits, trimmed_mean
 from fedkd.errors import ConfigError
 from fedkd.results import read_metrics
 from tests.conftest import TINY
 
 
-def fault_cfg(**faults_kw) -> dict:
-    base = {
-        "client_crash_prob": 0.0,
-        "straggler_prob": 0.0,
-        "straggler_delay": 0.0,
-        "corrupt_prob": 0.0,
-        "corrupt_mode": "nan",
-        "adversarial_fraction": 0.0,
-        "adversarial_mode": "flipped",
-        "min_replies": 1,
-    }
-    return {"seed": 3, "num_clients": 10, "faults": base | faults_kw}
+def fault_cfg(**faults_kw) -> FedKDConfig:
+    return FedKDConfig(
+        seed=3, num_clients=10, faults=FaultsConfig(straggler_delay=0.0, **faults_kw)
+    )
 
 
 def test_fault_draws_are_seeded_and_match_their_probabilities():
@@ -114,7 +107,7 @@ def test_crash_straggler_and_corrupt_replies_are_counted(tmp_path):
     ]
     from tests.conftest import compose_cfg
 
-    cfg = {"seed": 1, "faults": dict(compose_cfg(*overrides).faults)}
+    cfg = typed(compose_cfg(*overrides))
     expected = {
         r: [faults.round_fault(cfg, r, p) for p in range(8)] for r in (1, 2)
     }  # the same draws the clients make

@@ -6,7 +6,8 @@ rest is private. The private part is divided into task pools (one pool for stati
 data; the classes of each task for class-incremental streams; disjoint random parts
 for domain-incremental ones) and each pool is partitioned over the clients, so a
 Dirichlet(alpha) split holds within every task. The proxy set is disjoint from every
-shard and from the test split by construction.
+shard and from the test split by construction. `fedkd.data.shards` makes this cut
+and caches it on disk.
 
 Images stay uint8 in memory and are normalised (and transformed for their task) when
 a piece of work needs them. `federated_data(cfg)` builds all this once per process.
@@ -14,20 +15,17 @@ a piece of work needs them. `federated_data(cfg)` builds all this once per proce
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedkd.atomic import write_atomic
-from fedkd.data.datasets import CACHE_DIR, DatasetSplits, load_dataset
-from fedkd.data.partition import partition_labels
+from fedkd.data.datasets import DatasetSplits, load_dataset
+from fedkd.data.shards import cut_training_split
 from fedkd.data.tasks import TaskStream, build_stream
 from fedkd.errors import ConfigError
 from fedkd.protocol import ProxySegment, proxy_subset
@@ -229,15 +227,6 @@ def digest_images(images: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
 
 
-def _task_pools(stream: TaskStream, labels: np.ndarray, seed: int) -> list[np.ndarray]:
-    if stream.kind == "class_incremental":
-        return [np.flatnonzero(np.isin(labels, cls)) for cls in stream.task_classes]
-    if stream.kind == "domain_incremental":
-        order = numpy_rng(seed, "domain-split").permutation(len(labels))
-        return [np.sort(part) for part in np.array_split(order, stream.num_tasks)]
-    return [np.arange(len(labels))]
-
-
 def build_federated_data(cfg: dict) -> FederatedData:
     """Load the dataset, split off the proxy set, partition each task's pool.
 
@@ -266,19 +255,7 @@ def build_federated_data(cfg: dict) -> FederatedData:
     proxy_mode = lifelong.get("proxy", "stationary")
     if proxy_mode not in PROXY_MODES:
         raise ConfigError("lifelong.proxy", proxy_mode, "one of " + ", ".join(PROXY_MODES))
-    cached = _load_split(cfg, splits, stream.num_tasks)
-    if cached is not None:
-        proxy_index, private_index, task_shards = cached
-    else:
-        order = numpy_rng(seed, "proxy-split").permutation(n_train)
-        proxy_index = np.sort(order[:proxy_size])
-        private_index = np.sort(order[proxy_size:])
-        labels = splits.train.y[private_index]
-        task_shards = []
-        for task, pool in enumerate(_task_pools(stream, labels, seed)):
-            parts = partition_labels(labels[pool], cfg["partition"], num_clients, seed, task=task)
-            task_shards.append([pool[p] for p in parts])
-        _save_split(cfg, splits, proxy_index, private_index, task_shards)
+    proxy_index, private_index, task_shards = cut_training_split(cfg, splits, stream)
     ev = cfg["eval"]
     return FederatedData(
         splits=splits,
@@ -291,60 +268,6 @@ def build_federated_data(cfg: dict) -> FederatedData:
         teacher_test_size=ev.get("teacher_test_size"),
         seed=seed,
     )
-
-
-# Bump when the way splits are computed changes: cached splits are keyed by it.
-SPLIT_VERSION = 1
-
-
-def _split_path(cfg: dict, splits: DatasetSplits) -> Path:
-    keys = ("dataset", "partition", "proxy", "num_clients", "seed", "rounds", "lifelong")
-    what = {k: cfg.get(k) for k in keys} | {"version": SPLIT_VERSION, "source": splits.source}
-    what["proxy"] = {"size": cfg["proxy"]["size"]}  # subset_size does not change the split
-    what["lifelong"] = dict(cfg.get("lifelong") or {})
-    for key in (
-        "mitigation",
-        "memory_weight",
-        "memory_size",
-        "lwf_weight",
-        "review_fraction",
-        "replay_size",
-        "proxy",
-        "stagger_rounds",
-        "per_client_order",
-    ):
-        what["lifelong"].pop(key, None)
-    digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return CACHE_DIR / "splits" / f"{splits.name}-{digest}.npz"
-
-
-def _save_split(cfg, splits, proxy_index, private_index, task_shards) -> None:
-    """Cache the split so the other processes of the run (and later runs) skip
-    partitioning; a pure function of the config, so reusing it is safe."""
-    path = _split_path(cfg, splits)
-    arrays = {"proxy": proxy_index, "private": private_index}
-    for t, shards in enumerate(task_shards):
-        sizes = np.array([len(s) for s in shards])
-        arrays[f"t{t}_rows"] = np.concatenate(shards) if shards else np.zeros(0, np.int64)
-        arrays[f"t{t}_sizes"] = sizes
-    with contextlib.suppress(OSError):  # no cache, no harm
-        write_atomic(path, lambda f: np.savez(f, **arrays))
-
-
-def _load_split(cfg, splits, num_tasks):
-    path = _split_path(cfg, splits)
-    if not path.exists():
-        return None
-    try:
-        with np.load(path) as z:
-            task_shards = [
-                np.split(z[f"t{t}_rows"], np.cumsum(z[f"t{t}_sizes"])[:-1])
-                for t in range(num_tasks)
-            ]
-            return z["proxy"], z["private"], task_shards
-    except (OSError, ValueError, KeyError):
-        path.unlink(missing_ok=True)
-        return None
 
 
 def data_key(cfg: dict) -> str:
