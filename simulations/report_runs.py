@@ -109,14 +109,14 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     from dataclasses import fields
 
     from fedkd.errors import ConfigError
-    from fedkd.mitigations import mitigation_class
+    from fedkd.mitigations import MITIGATIONS
 
     lifelong = config.get("lifelong") or {}
     if "mitigation" not in config and "mitigation" in lifelong:
         name = lifelong["mitigation"]
         node = {"name": name}
         try:
-            params = [f.name for f in fields(mitigation_class(name).Params)]
+            params = [f.name for f in fields(MITIGATIONS.get(name).Params)]
         except ConfigError:  # a mitigation that no longer exists
             params = []
         node.update({k: lifelong[k] for k in params if k in lifelong and k != "name"})

@@ -6,21 +6,13 @@ A strategy registers itself with `@STRATEGIES.register("name")`; its config node
 
 from __future__ import annotations
 
-from typing import Any
-
-from fedkd.config import FedKDConfig, parse_params
+from fedkd.config import FedKDConfig, build_component
 from strategies.base import STRATEGIES, ServerContext, Strategy, sample_partitions
-
-
-def strategy_class(name: str) -> type[Strategy]:
-    return STRATEGIES.get(name)
 
 
 def build_strategy(cfg: FedKDConfig) -> Strategy:
     """Construct the configured strategy (cheap: models are built in `setup()`)."""
-    cls = strategy_class(cfg.strategy["name"])
-    node: dict[str, Any] = dict(cfg.strategy)
-    return cls(cfg, parse_params(cls.Params, node, "strategy", node["name"]))
+    return build_component(STRATEGIES, cfg, "strategy")
 
 
 __all__ = [
@@ -29,5 +21,4 @@ __all__ = [
     "Strategy",
     "build_strategy",
     "sample_partitions",
-    "strategy_class",
 ]

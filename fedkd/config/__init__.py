@@ -29,6 +29,7 @@ from fedkd.config.data import (
 from fedkd.config.learning import DistillConfig, ModelConfig, TrainConfig
 from fedkd.config.runtime import FaultsConfig, OutputConfig, PrivacyConfig, SimulationConfig
 from fedkd.errors import ConfigError
+from fedkd.registry import Registry
 
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 P = TypeVar("P")
@@ -108,12 +109,20 @@ def parse_params(schema: type[P], node: dict[str, Any], key: str, owner: str) ->
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
+def build_component(registry: Registry, cfg: FedKDConfig, key: str) -> Any:
+    """The component that config node `key` (`strategy`, `mitigation`) names, built
+    with its own Params, checked."""
+    node = dict(getattr(cfg, key))
+    cls = registry.get(node["name"])
+    return cls(cfg, parse_params(cls.Params, node, key, node["name"]))
+
+
 def validate(cfg: DictConfig | dict[str, Any]) -> FedKDConfig:
     """Check every value Hydra's types cannot; raise ConfigError on the first bad one.
     Returns the typed config."""
-    from fedkd.mitigations import build_mitigation, mitigation_class
+    from fedkd.mitigations import MITIGATIONS, build_mitigation
     from fedkd.registry import import_plugins
-    from strategies import build_strategy, strategy_class
+    from strategies import STRATEGIES, build_strategy
 
     for key in ("strategy", "mitigation"):
         missing = isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key)
@@ -125,8 +134,8 @@ def validate(cfg: DictConfig | dict[str, Any]) -> FedKDConfig:
     settings = typed(cfg)
     import_plugins(settings.plugins)
     settings.check()
-    strategy_cls = strategy_class(settings.strategy["name"])
-    mitigation_cls = mitigation_class(settings.mitigation["name"])
+    strategy_cls = STRATEGIES.get(settings.strategy["name"])
+    mitigation_cls = MITIGATIONS.get(settings.mitigation["name"])
     mitigation = build_mitigation(settings)  # checks the mitigation's own Params
     mitigation.check_config(settings)
     strategy_cls.check_config(settings, mitigation_cls)
@@ -150,6 +159,7 @@ __all__ = [
     "SimulationConfig",
     "SyntheticConfig",
     "TrainConfig",
+    "build_component",
     "one_of",
     "parse_params",
     "require",

@@ -16,21 +16,11 @@ if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
 
 
-def mitigation_class(name: str) -> type[Mitigation]:
-    return MITIGATIONS.get(name)
-
-
-def list_mitigations() -> list[str]:
-    return MITIGATIONS.names()
-
-
 def build_mitigation(cfg: FedKDConfig) -> Mitigation:
     """The configured mitigation (`cfg.mitigation`), its parameters checked."""
-    from fedkd.config import parse_params
+    from fedkd.config import build_component
 
-    node = dict(cfg.mitigation)
-    cls = mitigation_class(node["name"])
-    return cls(cfg, parse_params(cls.Params, node, "mitigation", node["name"]))
+    return build_component(MITIGATIONS, cfg, "mitigation")
 
 
 __all__ = [
@@ -40,6 +30,4 @@ __all__ = [
     "Mitigation",
     "MitigationParams",
     "build_mitigation",
-    "list_mitigations",
-    "mitigation_class",
 ]

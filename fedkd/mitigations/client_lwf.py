@@ -15,17 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedkd.config import require
-from fedkd.mitigations.base import (
-    MITIGATIONS,
-    ClientExtras,
-    ClientRound,
-    Mitigation,
-    MitigationParams,
-)
+from fedkd.mitigations import MITIGATIONS, ClientExtras, Mitigation, MitigationParams
 from fedkd.training import soft_labels
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
+    from fedkd.mitigations import ClientRound
 
 
 @dataclass

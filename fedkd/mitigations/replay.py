@@ -16,17 +16,12 @@ import numpy as np
 import torch
 
 from fedkd.config import require
-from fedkd.mitigations.base import (
-    MITIGATIONS,
-    ClientExtras,
-    ClientRound,
-    Mitigation,
-    MitigationParams,
-)
+from fedkd.mitigations import MITIGATIONS, ClientExtras, Mitigation, MitigationParams
 from fedkd.seeding import numpy_rng
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
+    from fedkd.mitigations import ClientRound
 
 
 @dataclass
