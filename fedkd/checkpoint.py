@@ -1,10 +1,11 @@
 """The server's checkpoint: written atomically after every round, read on resume.
 
 `checkpoint.pt` in the run directory holds what the server needs to continue after
-round r (the strategy's state, the mitigation's memory, the lifelong trackers, RNG
-states; see `FederatedStrategy.checkpoint_state`). Clients keep their own state in
-the client store, which survives too. Every random stream is derived from (seed,
-round, partition id), so round r + 1 replays identically after a resume.
+round r (the strategy's state, the mitigation's memory, the lifelong trackers, the
+privacy ledger, RNG states: `ServerState.state_dict`, fedkd/server_state.py).
+Clients keep their own state in the client store, which survives too. Every random
+stream is derived from (seed, round, partition id), so round r + 1 replays
+identically after a resume.
 """
 
 from __future__ import annotations

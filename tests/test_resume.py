@@ -28,8 +28,8 @@ SETTING = (
     "lifelong=class_incremental",
     "lifelong.num_tasks=2",
     "lifelong.rounds_per_task=2",
-    "lifelong.mitigation=teacher_memory",
-    "lifelong.memory_size=50",
+    "mitigation=teacher_memory",
+    "mitigation.memory_size=50",
     # stragglers (no timeout: they only slow rounds down) so the kill lands mid-round
     "faults.straggler_prob=0.4",
     "faults.straggler_delay=1.5",

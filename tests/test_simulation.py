@@ -84,7 +84,7 @@ def test_lifelong_run_records_the_accuracy_matrix_and_forgetting(tmp_path):
         "lifelong.num_tasks=2",
         "lifelong.rounds_per_task=2",
         "lifelong.proxy=drifting",
-        "lifelong.mitigation=teacher_memory",
+        "mitigation=teacher_memory",
         "partition=iid",
         f"hydra.run.dir={run}",
     )
