@@ -5,14 +5,16 @@ their config composed from conf/ by the run config's Hydra `overrides`.
 
 Server and every SuperNode compose the same config from the same `overrides`, so
 they agree on the experiment as they do in `fedkd-sim`. A SuperNode's node config
-says where its data is (see `NodeSettings`); results go to `out-dir` on the server.
+says where its data is and what it agrees to do (see `NodeSettings`); results go
+to `out-dir` on the server, and run config `partition-keys` (the file `fedkd-deploy
+keys` writes) binds each partition to its node's key (fedkd/admission.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from omegaconf import OmegaConf
 from fedkd.compose import compose_config
 from fedkd.config import typed
 from fedkd.errors import ConfigError, FedKDError
+from fedkd.node_policy import NodePolicy
+from fedkd.protocol import CONFIG, RoundPlan
 from fedkd.resources import resolve_num_gpus
 
 log = logging.getLogger("fedkd.app")
@@ -55,16 +59,21 @@ server_app = ServerApp()
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
+    from fedkd.admission import PartitionKeys
     from fedkd.server import run_server
 
     try:
         cfg = run_cfg(_overrides(context))
+        keys_file = str(context.run_config.get("partition-keys") or "")
+        keys = PartitionKeys.load(keys_file) if keys_file else None
         out = Path(str(context.run_config.get("out-dir") or DEFAULT_OUT_DIR))
         out = (out / f"run-{context.run_id}").resolve()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
         log.warning("fedkd: run %s writes its results to %s", context.run_id, out)
-        run_server(grid, cfg, out)
+        if keys is not None:
+            log.warning("fedkd: partitions bound to %d node keys (%s)", len(keys.by_key), keys_file)
+        run_server(grid, cfg, out, keys=keys, run_id=context.run_id)
     except FedKDError as exc:
         log.error("fedkd: %s", exc)  # one line in the run's log, no traceback
         raise SystemExit(2) from None
@@ -83,14 +92,28 @@ class NodeSettings:
                     `partition-id` of the configured built-in dataset
     bundle          the proxy bundle from `fedkd-deploy bundle`; needed with data-path
     state-dir       where the node keeps its student between rounds
+    auth-key        the SuperNode's private key (--auth-supernode-private-key): the
+                    node signs its partition claim with it (fedkd/admission.py)
+    allow-replies, max-epochs, max-batch-size, min-privacy, min-noise-multiplier
+                    what the node agrees to do (fedkd/node_policy.py)
     """
 
     partition_id: int
     data_path: str
     bundle: str
     state_dir: str
+    auth_key: str = ""
+    policy: NodePolicy = field(default_factory=NodePolicy)
 
-    KEYS = ("partition-id", "num-partitions", "data-path", "bundle", "state-dir")
+    KEYS = (
+        "partition-id",
+        "num-partitions",
+        "data-path",
+        "bundle",
+        "state-dir",
+        "auth-key",
+        *NodePolicy.KEYS,
+    )
 
     @classmethod
     def parse(cls, node_config: dict[str, Any]) -> NodeSettings:
@@ -104,6 +127,8 @@ class NodeSettings:
             data_path=str(node_config.get("data-path", "")),
             bundle=str(node_config.get("bundle", "")),
             state_dir=str(node_config.get("state-dir", DEFAULT_STATE_DIR)),
+            auth_key=str(node_config.get("auth-key", "")),
+            policy=NodePolicy.parse(node_config),
         )
         if settings.data_path and not settings.bundle:
             raise ConfigError(
@@ -156,4 +181,8 @@ def client_query(message: Message, context: Context) -> Message:
 
 @client_app.train()
 def client_train(message: Message, context: Context) -> Message:
+    # the device's policy first: a plan outside it is refused before any training
+    policy = NodeSettings.parse(dict(context.node_config)).policy
+    plan = RoundPlan.from_record(message.content.config_records[CONFIG])
+    policy.check(plan, typed(run_cfg(_overrides(context))))
     return _delegate(message, context)

@@ -6,6 +6,10 @@ privacy ledger, RNG states: `ServerState.state_dict`, fedkd/server_state.py).
 Clients keep their own state in the client store, which survives too. Every random
 stream is derived from (seed, round, partition id), so round r + 1 replays
 identically after a resume.
+
+Run directories are shared between people, so a checkpoint is read with
+`weights_only=True` only (`read_checkpoint`): tensors and plain values are rebuilt,
+and a pickled object that would run code is refused without being run.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ CHECKPOINT = "checkpoint.pt"
 # and how much is shown. Everything else must match the checkpoint.
 RESUMABLE = ("simulation", "output")
 
+# What `ServerState.state_dict` holds besides "round" and "config_digest".
+PARTS = ("strategy", "state", "mitigation", "evaluation", "privacy")
+RNG = ("ray_nodes", "torch_rng", "numpy_rng")
+
 
 class CheckpointError(FedKDError):
     """A checkpoint that is missing, unreadable or from another configuration."""
@@ -43,15 +51,38 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     write_atomic(Path(run_dir) / CHECKPOINT, lambda f: torch.save(state, f))
 
 
+def _reason(exc: BaseException) -> str:
+    """One line out of torch's multi-line load errors."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        detail = [ln for ln in lines if not ln.startswith(("Check the documentation", "Please"))]
+        last = detail[-1] if len(detail) > 1 else "a pickled object"
+        return f"holds more than tensors and plain values, not loaded: {last}"
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def read_checkpoint(path: Path) -> Any:
+    """The contents of a checkpoint file, rebuilt by torch's safe (weights-only) loader."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        OSError,
+        EOFError,
+        RuntimeError,
+        ValueError,
+        TypeError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_reason(exc)})") from None
+
+
 def load_checkpoint(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint of `run_dir`, checked against the run's config."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint (was output.checkpoint false?)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "config_digest" not in ckpt or "round" not in ckpt:
         raise CheckpointError(f"{path}: not a fedkd checkpoint")
     if ckpt["config_digest"] != config_digest(cfg):
@@ -60,4 +91,10 @@ def load_checkpoint(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         )
     if (Path(run_dir) / "summary.json").exists():
         raise CheckpointError(f"{run_dir}: the run already finished (it has a summary.json)")
+    rnd = ckpt["round"]
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd <= int(cfg["rounds"]):
+        raise CheckpointError(f"{path}: damaged checkpoint (round {rnd!r})")
+    missing = [key for key in (*PARTS, *RNG) if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: damaged checkpoint (no {', '.join(missing)})")
     return ckpt

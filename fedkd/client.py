@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkd import faults
+from fedkd.admission import sign_claim
 from fedkd.comm.codecs import recode
 from fedkd.config import typed
 from fedkd.local_round import client_reply, client_runtime
@@ -47,13 +48,28 @@ def handle_query(plain: dict[str, Any], message: Message, context: Context) -> M
         )
     runtime = client_runtime(plain)
     n = len(runtime.data.shards[pid])
+    info: dict[str, Any] = {"proxy-digest": runtime.data.proxy_digest}
+    info.update(signed_claim(message, context, pid))
     content = RecordDict(
         {
             METRICS: MetricRecord({"partition-id": pid, "num-examples": n}),
-            INFO: ConfigRecord({"proxy-digest": runtime.data.proxy_digest}),
+            INFO: ConfigRecord(info),
         }
     )
     return Message(content, reply_to=message)
+
+
+def signed_claim(message: Message, context: Context, pid: int) -> dict[str, Any]:
+    """With node config `auth-key`: the node's public key and its signature of the
+    server's nonce, the run id and `pid` (fedkd/admission.py), so the server can
+    check that this partition is this node's; nothing without a key or a nonce."""
+    key = context.node_config.get("auth-key")
+    config = message.content.config_records.get(CONFIG)
+    nonce = None if config is None else config.get("nonce")
+    if not key or not isinstance(nonce, bytes):
+        return {}
+    public, signature = sign_claim(str(key), nonce, context.run_id, pid)
+    return {"public-key": public, "signature": signature}
 
 
 def handle_train(plain: dict[str, Any], message: Message, context: Context) -> Message:

@@ -1,9 +1,10 @@
 """Ship a trained model to a device: TorchScript, ONNX, and int8 ONNX.
 
 A client's student comes from the run's client store, the server model from its
-checkpoint. Every export is checked against PyTorch: the ONNX model's logits from
-onnxruntime must match within `tolerance`, and the accuracy of each format on the
-test split is measured, so the accuracy change of int8 quantization is a number.
+checkpoint (read by its weights-only loader: run directories are shared). Every
+export is checked against PyTorch: the ONNX model's logits from onnxruntime must
+match within `tolerance`, and the accuracy of each format on the test split is
+measured, so the accuracy change of int8 quantization is a number.
 Inputs are normalized images (uint8 / 255, minus `mean`, over `std`, per channel),
 written to `model.json` beside the models.
 """
@@ -21,7 +22,7 @@ import torch
 import yaml
 from torch import nn
 
-from fedkd.checkpoint import CHECKPOINT
+from fedkd.checkpoint import CHECKPOINT, read_checkpoint
 from fedkd.client_store import ClientStore
 from fedkd.data.federated import FederatedData, federated_data
 from fedkd.errors import FedKDError
@@ -60,15 +61,27 @@ def load_student(run_dir: Path, cfg: dict, data: FederatedData, partition_id: in
             "(was it ever sampled? is simulation.keep_client_state true?)"
         )
     model = new_student(cfg, data, partition_id)
-    model.load_state_dict(state["model"])
+    _load_weights(model, state["model"], store.path(partition_id))
     return model.eval()
+
+
+def _load_weights(model: nn.Module, weights: Any, path: Path) -> None:
+    """Saved weights that do not fit the run's model are an error naming the file."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, KeyError, AttributeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ExportError(f"{path}: saved weights do not fit the run's model ({first})") from None
 
 
 def load_server_model(run_dir: Path, cfg: dict, data: FederatedData) -> nn.Module:
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise ExportError(f"{path}: no checkpoint, so no server model to export")
-    state = torch.load(path, map_location="cpu", weights_only=False)["state"]
+    ckpt = read_checkpoint(path)  # weights only: a shared run directory may be hostile
+    state = ckpt.get("state") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ExportError(f"{path}: not a fedkd checkpoint (no server state)")
     weights = state.get("teacher") or state.get("model")
     if weights is None:
         raise ExportError(f"{path}: this strategy has no server model")
@@ -78,7 +91,7 @@ def load_server_model(run_dir: Path, cfg: dict, data: FederatedData) -> nn.Modul
     model = create_model(
         name, num_classes=data.num_classes, input_shape=data.input_shape, seed=(0,), **kwargs
     )
-    model.load_state_dict(weights)
+    _load_weights(model, weights, path)
     return model.eval()
 
 

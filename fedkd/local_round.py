@@ -189,6 +189,7 @@ def client_reply(plain: dict[str, Any], pid: int, download: RecordDict) -> Recor
     task_acc = evaluate_tasks(student, data, runtime.device)
     metrics.update(
         {
+            "round": plan.round,  # the server refuses a reply meant for another round
             "num-examples": len(y),
             "train-loss": float(loss),
             "test-accuracy": float(sum(task_acc) / len(task_acc)),

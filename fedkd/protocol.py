@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 
 from fedkd.seeding import numpy_rng
 from fedkd.training import LocalTraining
@@ -133,33 +133,6 @@ class ClientReply:
     arrays: ArrayRecord | None
     bytes_up: int
     info: dict[str, str] = field(default_factory=dict)
-
-
-def reply_metrics(content: RecordDict, num_tasks: int = 1) -> dict[str, float]:
-    """The reply's metrics, checked: `num-examples` must be a positive integer,
-    accuracies in [0, 1], per-task accuracies one per task."""
-    records = content.metric_records
-    if METRICS not in records:
-        raise InvalidReply(f"no MetricRecord {METRICS!r}")
-    metrics = dict(records[METRICS])
-    n = metrics.get("num-examples")
-    if not isinstance(n, int) or n <= 0:
-        raise InvalidReply(f"num-examples must be a positive integer, got {n!r}")
-    for key, value in metrics.items():
-        if isinstance(value, float) and not np.isfinite(value):
-            raise InvalidReply(f"metric {key!r} is {value}")
-    acc = metrics.get("test-accuracy")
-    if acc is not None and not 0.0 <= float(acc) <= 1.0:
-        raise InvalidReply(f"test-accuracy must lie in [0, 1], got {acc}")
-    for key in ("task-accuracy", "initial-task-accuracy"):
-        row = metrics.get(key)
-        if row is None:
-            continue
-        if not isinstance(row, list) or len(row) != num_tasks:
-            raise InvalidReply(f"{key} must list {num_tasks} accuracies, got {row!r}")
-        if not all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in row):
-            raise InvalidReply(f"{key} values must lie in [0, 1], got {row!r}")
-    return metrics
 
 
 def check_array(

@@ -22,12 +22,24 @@ from flwr.serverapp import Grid
 
 from fedkd.checkpoint import save_checkpoint
 from fedkd.comm.codecs import payload_bytes
-from fedkd.protocol import CONFIG, TRAIN
+from fedkd.protocol import (
+    CONFIG,
+    KNOWLEDGE,
+    REPLY_LOGITS,
+    REPLY_NONE,
+    REPLY_WEIGHTS,
+    TRAIN,
+    WEIGHTS,
+)
+from fedkd.reply_checks import ReplyLimits
 from fedkd.round import Round
 from fedkd.server_state import ServerState
 from fedkd.tally import Reply, ReplyTally
+from strategies.base import UnsafeAggregate
 
 log = logging.getLogger("fedkd.server")
+
+PAYLOADS = {REPLY_LOGITS: KNOWLEDGE, REPLY_WEIGHTS: WEIGHTS, REPLY_NONE: None}
 
 
 def error_summary(reason: str) -> str:
@@ -113,7 +125,14 @@ def conclude_round(state: ServerState, r: Round, replies: list[Reply]) -> dict[s
     """Tally the replies, aggregate the valid ones (in partition order), account for
     privacy; returns the round's statistics."""
     strategy = state.strategy
-    tally = ReplyTally(r, strategy.check_payload, state.data.num_tasks)
+    limits = ReplyLimits(
+        round=r.number,
+        payload=PAYLOADS[strategy.reply_kind],
+        max_payload_bytes=strategy.payload_bytes_bound(r),
+        num_tasks=state.data.num_tasks,
+        max_examples=None,
+    )
+    tally = ReplyTally(r, strategy.check_payload, limits, state.declared_examples)
     for reply in replies:
         tally.add(reply)
     valid = tally.close(len(replies))
@@ -129,7 +148,11 @@ def conclude_round(state: ServerState, r: Round, replies: list[Reply]) -> dict[s
             need,
         )
     else:
-        _, extra = strategy.aggregate(r, valid)
+        try:
+            _, extra = strategy.aggregate(r, valid)
+        except UnsafeAggregate as exc:
+            skipped = True
+            log.warning("round %d: %s; round skipped", r.number, exc)
     for reply in valid:
         state.privacy.record_reply(reply.partition_id, reply.metrics)
         if reply.info.get("ray-node"):

@@ -3,12 +3,13 @@
 Before round 1 the server waits until every expected node has registered (with
 `run_simulation`, nodes register while the ServerApp starts) and asks each node
 which partition it holds, because sampling is over partition ids while node ids are
-random.
+random (fedkd/admission.py: the checks, and in deployment the key binding).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,14 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedkd.admission import NONCE_BYTES, PartitionKeys, Refused, read_claim
 from fedkd.checkpoint import load_checkpoint
 from fedkd.errors import FedKDError
-from fedkd.protocol import CONFIG, INFO, METRICS, QUERY
+from fedkd.protocol import CONFIG, QUERY
 from fedkd.resources import visible_gpus
 from fedkd.results.progress import RoundProgress
 from fedkd.results.recorder import RunRecorder
-from fedkd.round_loop import GridTransport, error_summary, run_rounds
+from fedkd.round_loop import GridTransport, run_rounds
 from fedkd.server_state import build_server_state
 
 log = logging.getLogger("fedkd.server")
@@ -47,60 +49,83 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
 
 
 def discover_partitions(
-    grid: Grid, nodes: list[int], expected: int, timeout: float, proxy_digest: str
+    grid: Grid,
+    nodes: list[int],
+    expected: int,
+    timeout: float,
+    proxy_digest: str,
+    keys: PartitionKeys | None = None,
+    run_id: int = 0,
 ) -> dict[int, int]:
     """Ask every node for its partition id; return {node id: partition id} of the
-    nodes that answered with the server's proxy set. A node that fails the handshake
-    (missing data, wrong settings, another proxy set) is left out with a warning."""
+    nodes admitted. A node that fails the handshake (an error, a malformed reply,
+    another proxy set, with `keys` a claim its key does not prove) is left out with a
+    warning, and so is every claimant of a partition two nodes claim: no reply can
+    stop the federation from forming."""
+    nonces = {n: os.urandom(NONCE_BYTES) for n in nodes}  # fresh: a signature cannot be replayed
     messages = [
         Message(
-            RecordDict({CONFIG: ConfigRecord({"want": "partition-id"})}),
+            RecordDict({CONFIG: ConfigRecord({"want": "partition-id", "nonce": nonces[n]})}),
             dst_node_id=n,
             message_type=QUERY,
         )
         for n in nodes
     ]
-    partitions: dict[int, int] = {}
+    claims: dict[int, list[int]] = {}  # partition id -> the nodes that proved a claim
+    answered: set[int] = set()
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
+        node = reply.metadata.src_node_id
+        try:
+            if node in answered:
+                raise Refused("it answered twice")
+            answered.add(node)
+            pid = read_claim(reply, expected, proxy_digest, nonces.get(node), run_id, keys)
+        except Refused as exc:
+            log.warning("node %s failed the handshake and is left out: %s", node, exc)
+            continue
+        except Exception as exc:  # any other fault in a reply: that node is out
             log.warning(
-                "node %s failed the handshake and is left out: %s",
-                reply.metadata.src_node_id,
-                error_summary(reply.error.reason),
+                "node %s failed the handshake and is left out: malformed reply (%s: %s)",
+                node,
+                type(exc).__name__,
+                str(exc)[:200],
             )
             continue
-        pid = int(reply.content.metric_records[METRICS]["partition-id"])
-        theirs = reply.content.config_records[INFO]["proxy-digest"]
-        if theirs != proxy_digest:
+        claims.setdefault(pid, []).append(node)
+    partitions: dict[int, int] = {}
+    for pid, claimants in sorted(claims.items()):
+        if len(claimants) > 1:
             log.warning(
-                "node %s (partition %d) holds another proxy set (digest %s, the server's %s); "
-                "it is left out",
-                reply.metadata.src_node_id,
+                "nodes %s all claim partition %d; none of them is admitted%s",
+                sorted(claimants),
                 pid,
-                theirs,
-                proxy_digest,
+                "" if keys else " (bind partitions to node keys with run config partition-keys)",
             )
             continue
-        if pid in partitions.values():
-            raise FederationError(f"two nodes claim partition {pid}")
-        partitions[reply.metadata.src_node_id] = pid
+        partitions[claimants[0]] = pid
     missing = sorted(set(range(expected)) - set(partitions.values()))
     if missing:
         log.warning(
-            "no node holds partition(s) %s; sampling uses the %d that answered",
+            "no node holds partition(s) %s; sampling uses the %d admitted",
             missing[:10],
             len(partitions),
         )
     if not partitions:
-        raise FederationError("no node answered the partition handshake")
+        raise FederationError("no node passed the partition handshake")
     return partitions
 
 
 def run_server(
-    grid: Grid, plain: dict[str, Any], out_dir: str | Path, resume: bool = False
+    grid: Grid,
+    plain: dict[str, Any],
+    out_dir: str | Path,
+    resume: bool = False,
+    keys: PartitionKeys | None = None,
+    run_id: int = 0,
 ) -> dict[str, Any]:
     """Run a whole experiment on `grid` (with `resume`, from the run directory's
-    checkpoint on); returns the summary (also in summary.json)."""
+    checkpoint on; with `keys`, admitting only nodes whose key proves their
+    partition in run `run_id`); returns the summary (also in summary.json)."""
     out = Path(out_dir)
     ckpt = load_checkpoint(out, plain) if resume else None
     device = "cuda" if visible_gpus() > 0 else "cpu"
@@ -114,8 +139,9 @@ def run_server(
     if state.strategy.uses_clients:
         nodes = wait_for_nodes(grid, cfg.num_clients, sim.register_timeout)
         partitions = discover_partitions(
-            grid, nodes, cfg.num_clients, sim.register_timeout, data.proxy_digest
+            grid, nodes, cfg.num_clients, sim.register_timeout, data.proxy_digest, keys, run_id
         )
+        state.privacy.set_population(len(partitions))  # DP sampling over those admitted
     state.population = sorted(partitions.values())
     meta = {
         "strategy": state.strategy.name,

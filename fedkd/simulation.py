@@ -8,20 +8,21 @@ hands a ServerApp and a ClientApp, both bound to that config by closure, to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedkd.checkpoint import load_checkpoint
+from fedkd.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 from fedkd.client_store import ClientStore
 from fedkd.compose import to_plain
 from fedkd.config import validate
 from fedkd.data.federated import federated_data
+from fedkd.errors import FedKDError
 from fedkd.resources import resolve_num_gpus
 
 log = logging.getLogger("fedkd")
@@ -55,22 +56,71 @@ def quiet_runtime_logs(verbose: bool) -> None:
             handler.addFilter(_DropFlowerNoise())
 
 
+# A directory holding any of these holds a run: fedkd-sim refuses to start another there.
+RUN_FILES = ("metrics.jsonl", CHECKPOINT, "summary.json")
+
+
+def refuse_existing_run(out_dir: Path, overwrite: bool) -> None:
+    """A new run never silently replaces the results of another one."""
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if found and not overwrite:
+        raise FedKDError(
+            f"{out_dir}: already holds a run ({', '.join(found)}); continue it with "
+            "fedkd-resume, or replace it with output.overwrite=true"
+        )
+
+
+def client_state_dir(configured: str | None, out_dir: Path) -> Path:
+    """The run's client store: in the run directory, or a folder of its own inside a
+    configured (possibly shared) directory, so that runs never share files."""
+    if not configured:
+        return out_dir / "client_state"
+    tag = hashlib.sha256(str(out_dir).encode()).hexdigest()[:10]
+    return Path(configured).expanduser().resolve() / f"{out_dir.name}-{tag}"
+
+
+def _check_resumable(out_dir: Path, plain: dict[str, Any]) -> None:
+    """A checkpoint that cannot continue this run fails here, before Ray starts."""
+    from fedkd.results import read_metrics
+    from fedkd.server_state import check_restorable
+
+    ckpt = load_checkpoint(out_dir, plain)
+    rnd = ckpt["round"]
+    try:
+        rounds = [r["round"] for r in read_metrics(out_dir) if r["round"] <= rnd]
+    except (OSError, KeyError, TypeError):
+        rounds = None
+    if rnd and rounds != list(range(1, rnd + 1)):
+        raise CheckpointError(
+            f"{out_dir / 'metrics.jsonl'}: rounds 1..{rnd} of the checkpoint are not all there"
+        )
+    check_restorable(plain, ckpt)
+
+
 def prepare(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Validate, resolve run-time values and load the data; returns the plain config.
-    A new run starts with an empty client store; a resumed one keeps it."""
+    A new run refuses a directory that holds another run (unless output.overwrite)
+    and starts with an empty client store of its own; a resumed one keeps it."""
     validate(cfg)
+    out_dir = Path(out_dir).resolve()
     plain = to_plain(cfg)
+    if not resume:
+        refuse_existing_run(out_dir, bool(plain["output"]["overwrite"]))
     sim = plain["simulation"]
     sim["num_gpus"] = resolve_num_gpus(sim["num_gpus"], int(sim["num_cpus"]))
-    sim["client_state_dir"] = str(
-        Path(sim["client_state_dir"] or out_dir / "client_state").resolve()
-    )
+    if resume:  # config.yaml names the store the run used
+        store = Path(sim["client_state_dir"] or out_dir / "client_state").resolve()
+    else:
+        store = client_state_dir(sim["client_state_dir"], out_dir)
+    sim["client_state_dir"] = str(store)
     data = federated_data(plain)  # fails here, before any process starts, if data is wrong
     log.info("data: %s", json.dumps(data.describe()))
     if resume:
-        load_checkpoint(out_dir, plain)  # a bad checkpoint fails here, before Ray starts
+        _check_resumable(out_dir, plain)
     else:
-        ClientStore(sim["client_state_dir"]).clear()  # no student from an earlier run
+        ClientStore(store, run_id=str(out_dir)).clear()  # no student from an earlier run
+        for name in RUN_FILES:  # output.overwrite: the replaced run's results go
+            (out_dir / name).unlink(missing_ok=True)
     return plain
 
 
@@ -119,6 +169,6 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, resume: bool = False) -
     summary_path = out / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}")
-    if not plain["simulation"]["keep_client_state"]:
-        shutil.rmtree(plain["simulation"]["client_state_dir"], ignore_errors=True)
+    if not plain["simulation"]["keep_client_state"]:  # this run's files only
+        ClientStore(plain["simulation"]["client_state_dir"], run_id=str(out)).remove()
     return json.loads(summary_path.read_text())

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
 from fedkd.comm.codecs import payload_bytes
-from fedkd.protocol import INFO, ClientReply, InvalidReply, reply_metrics
+from fedkd.protocol import INFO, ClientReply, InvalidReply
+from fedkd.reply_checks import ReplyLimits, check_reply
 from fedkd.round import Round
 
 log = logging.getLogger("fedkd.server")
@@ -37,7 +38,8 @@ class Reply:
 class ReplyTally:
     round: Round
     check_payload: Callable[[Round, RecordDict], ArrayRecord | None]
-    num_tasks: int
+    limits: ReplyLimits  # what a reply of this round may hold (fedkd/reply_checks.py)
+    declared: dict[int, int] = field(default_factory=dict)  # shard sizes, from the handshake
     valid: list[ClientReply] = field(default_factory=list)
     failed: int = 0
     rejected: int = 0
@@ -51,12 +53,14 @@ class ReplyTally:
             log.warning("round %d: client error from node %s: %s", rnd, reply.node, reply.error)
             return
         content = reply.content
-        self.bytes_up += sum(payload_bytes(r) for r in content.array_records.values())
+        if isinstance(content, RecordDict):
+            self.bytes_up += sum(payload_bytes(r) for r in content.array_records.values())
         try:
             self.valid.append(self.parse(reply.partition_id, content, reply.node))
-        except InvalidReply as exc:
+        except Exception as exc:
             self.rejected += 1
-            log.warning("round %d: rejected reply from node %s: %s", rnd, reply.node, exc)
+            why = exc if isinstance(exc, InvalidReply) else f"{type(exc).__name__}: {exc}"
+            log.warning("round %d: rejected reply from node %s: %s", rnd, reply.node, why)
 
     def parse(self, pid: int | None, content: RecordDict, node: int | None = None) -> ClientReply:
         """Validate one client's upload; raise InvalidReply, naming what is wrong."""
@@ -67,7 +71,8 @@ class ReplyTally:
             raise InvalidReply(f"partition {pid} was not sampled this round")
         if any(r.partition_id == pid for r in self.valid):
             raise InvalidReply(f"second reply from partition {pid}")
-        metrics = reply_metrics(content, self.num_tasks)
+        limits = replace(self.limits, max_examples=self.declared.get(pid))
+        metrics = check_reply(content, limits)
         payload = self.check_payload(self.round, content)
         up = sum(payload_bytes(r) for r in content.array_records.values())
         info = {k: str(v) for k, v in content.config_records.get(INFO, {}).items()}

@@ -1,7 +1,7 @@
 """`fedkd-deploy`: the files a real federation needs besides Flower's own commands.
 
     fedkd-deploy certs  DIR [--host NAME ...]   # CA + SuperLink TLS certificate
-    fedkd-deploy keys   DIR --nodes N           # SuperNode authentication key pairs
+    fedkd-deploy keys   DIR --nodes N           # SuperNode key pairs + partition-keys.json
     fedkd-deploy bundle FILE [OVERRIDE ...]     # the proxy bundle devices load
     fedkd-deploy shard  FILE --partition I [OVERRIDE ...]  # a partition as device data
     fedkd-deploy footprint [OVERRIDE ...]       # a device's time and memory per round
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import json
 from pathlib import Path
 
 from fedkd.atomic import write_atomic
@@ -24,6 +25,7 @@ from simulations.cli import run_cli
 
 PROG = "fedkd-deploy"
 CERT_DAYS = 365
+PARTITION_KEYS = "partition-keys.json"  # public key -> partition (run config partition-keys)
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -100,17 +102,23 @@ def make_certs(out: Path, hosts: list[str]) -> list[Path]:
 
 def make_node_keys(out: Path, nodes: int) -> list[Path]:
     """One EC P-384 key pair per SuperNode, in OpenSSH format: `node-<i>` (stays on
-    the device, --auth-supernode-private-key) and `node-<i>.pub` (registered with
-    `flwr supernode register`)."""
+    the device: --auth-supernode-private-key, and node config auth-key, which signs
+    its partition claim) and `node-<i>.pub` (registered with `flwr supernode
+    register`); and `partition-keys.json`, binding node i's public key to partition
+    i (run config partition-keys; edit it to bind them otherwise)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedkd.admission import public_key_text
 
     if nodes < 1:
         raise FedKDError(f"--nodes={nodes} is not allowed: an integer >= 1")
     paths = [out / f"node-{i}{suffix}" for i in range(nodes) for suffix in ("", ".pub")]
+    paths.append(out / PARTITION_KEYS)
     for path in paths:
         if path.exists():
             raise FedKDError(f"{path} exists; remove it or pick another directory")
+    bindings: dict[str, int] = {}
     for i in range(nodes):
         key = ec.generate_private_key(ec.SECP384R1())
         private = key.private_bytes(
@@ -118,12 +126,12 @@ def make_node_keys(out: Path, nodes: int) -> list[Path]:
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
         )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
+        public = public_key_text(key.public_key())
         _write_new(out / f"node-{i}", private)
         (out / f"node-{i}").chmod(0o600)
-        _write_new(out / f"node-{i}.pub", public + b"\n")
+        _write_new(out / f"node-{i}.pub", public.encode() + b"\n")
+        bindings[public] = i
+    _write_new(out / PARTITION_KEYS, (json.dumps(bindings, indent=1) + "\n").encode())
     return paths
 
 
@@ -188,7 +196,7 @@ def parser() -> argparse.ArgumentParser:
         help="a name or IP address devices use to reach the SuperLink (repeatable; "
         "default: localhost and 127.0.0.1)",
     )
-    keys = sub.add_parser("keys", help="SuperNode authentication key pairs")
+    keys = sub.add_parser("keys", help="SuperNode authentication key pairs and partition-keys.json")
     keys.add_argument("dir", type=Path)
     keys.add_argument("--nodes", type=int, required=True)
     bundle = sub.add_parser("bundle", help="the proxy bundle a device with its own data loads")

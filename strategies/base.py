@@ -48,6 +48,15 @@ def sample_partitions(seed: int, rnd: int, population: list[int], k: int) -> lis
     return sorted(pool[i] for i in chosen)
 
 
+class UnsafeAggregate(RuntimeError):
+    """An aggregate the server will not learn from (not finite): the round is skipped."""
+
+
+def require_finite(values: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(values).all():
+        raise UnsafeAggregate(f"the {what} holds NaN or Inf")
+
+
 @dataclass
 class StrategyParams:
     """A strategy's own settings (conf/strategy/NAME.yaml); subclasses add fields."""
@@ -151,6 +160,10 @@ class Strategy:
         """Validate a reply's arrays; raise InvalidReply. Returns what to aggregate."""
         return None
 
+    def payload_bytes_bound(self, r: Round) -> int:
+        """The bytes of a well-formed reply payload this round (its upper bound)."""
+        return 0
+
     def aggregate(self, r: Round, replies: list[ClientReply]) -> tuple[ArrayRecord | None, dict]:
         """Fold valid replies (sorted by partition id) into the strategy's state;
         returns the aggregate and round statistics for the metrics row."""
@@ -177,6 +190,7 @@ class Strategy:
         kd = self.cfg.distill
         x = r.proxy_x if x is None else x
         x, t, w = self.mitigation.teacher_batch(x, target)
+        require_finite(t, "distillation target")
         return distill_to_targets(
             model,
             x,

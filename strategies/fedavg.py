@@ -7,18 +7,21 @@ Clients start each round from the global model, train locally on their private d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
+from fedkd.config import require
 from fedkd.errors import ConfigError
 from fedkd.models import create_model
 from fedkd.protocol import REPLY_WEIGHTS, WEIGHTS, ClientReply, InvalidReply, check_array
 from fedkd.round import Round
 from fedkd.training import soft_labels
-from strategies.base import STRATEGIES, ServerContext, Strategy
+from strategies.base import STRATEGIES, ServerContext, Strategy, require_finite
+from strategies.robust import AggregationParams, robust_center
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
@@ -37,14 +40,49 @@ def average_weights(
     out = {}
     for key, ref in states[0].items():
         acc = sum(w / total * s[key].double() for s, w in zip(states, weights, strict=True))
-        out[key] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
+        out[key] = like(acc, ref)
     return out
+
+
+def like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`value` in `ref`'s dtype; integer buffers are rounded back to integers."""
+    return value.to(ref.dtype) if ref.is_floating_point() else value.round().to(ref.dtype)
+
+
+def robust_weights(
+    states: list[dict[str, torch.Tensor]], params: AggregationParams
+) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median or trimmed mean of state dicts (unweighted)."""
+    out = {}
+    for key, ref in states[0].items():
+        value = robust_center(torch.stack([s[key].double() for s in states]), params)
+        out[key] = (
+            value.round().to(ref.dtype) if not ref.is_floating_point() else value.to(ref.dtype)
+        )
+    return out
+
+
+@dataclass
+class FedAvgParams(AggregationParams):
+    # a reply farther from the broadcast weights than this many times their L2 norm
+    # is refused (honest local epochs move them by a fraction of it)
+    max_update_ratio: float = 10.0
+
+    def check(self, cfg: FedKDConfig) -> None:
+        super().check(cfg)
+        ratio = self.max_update_ratio
+        require(ratio > 0, "strategy.max_update_ratio", ratio, "a number > 0")
 
 
 @STRATEGIES.register("fedavg")
 class FedAvg(Strategy):
+    Params = FedAvgParams
     reply_kind = REPLY_WEIGHTS
     uses_proxy = False
+
+    def __init__(self, cfg: FedKDConfig, params: FedAvgParams) -> None:
+        super().__init__(cfg, params)
+        self.p = params
 
     @classmethod
     def check_config(cls, cfg: FedKDConfig, mitigation: type[Mitigation]) -> None:
@@ -75,16 +113,34 @@ class FedAvg(Strategy):
         record = content.array_records.get(WEIGHTS)
         if record is None:
             raise InvalidReply(f"no ArrayRecord {WEIGHTS!r}")
-        reference = self.model.state_dict()
+        reference = cpu_state(self.model)  # what was broadcast: aggregation comes after
         if set(record.keys()) != set(reference):
             raise InvalidReply("weights do not match the global model's parameter names")
+        distance = norm = 0.0
         for key, ref in reference.items():
-            check_array(record, key, tuple(ref.shape), ref.cpu().numpy().dtype)
+            arr = check_array(record, key, tuple(ref.shape), ref.numpy().dtype)
+            if ref.is_floating_point():
+                distance += float(((torch.from_numpy(arr).double() - ref.double()) ** 2).sum())
+                norm += float((ref.double() ** 2).sum())
+        bound = self.p.max_update_ratio * max(norm**0.5, 1.0)
+        if distance**0.5 > bound:
+            raise InvalidReply(
+                f"weights {distance**0.5:.3g} from the broadcast model (> {bound:.3g})"
+            )
         return record
+
+    def payload_bytes_bound(self, r: Round) -> int:
+        return ArrayRecord(cpu_state(self.model)).count_bytes()
 
     def average(self, replies: list[ClientReply]) -> dict[str, torch.Tensor]:
         states = [r.arrays.to_torch_state_dict() for r in replies]
-        return average_weights(states, [r.num_examples for r in replies])
+        if self.p.robust:
+            averaged = robust_weights(states, self.p)
+        else:
+            averaged = average_weights(states, [r.num_examples for r in replies])
+        for key, value in averaged.items():
+            require_finite(value, f"averaged weight {key!r}")
+        return averaged
 
     @property
     def server_model(self) -> nn.Module:

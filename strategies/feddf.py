@@ -19,20 +19,21 @@ from fedkd.protocol import ClientReply
 from fedkd.round import Round
 from fedkd.seeding import numpy_rng, torch_generator
 from fedkd.training import distill_to_targets, predict_logits
-from strategies.base import STRATEGIES, StrategyParams
-from strategies.fedavg import FedAvg, cpu_state
+from strategies.base import STRATEGIES
+from strategies.fedavg import FedAvg, FedAvgParams, cpu_state
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
 
 
 @dataclass
-class FedDFParams(StrategyParams):
+class FedDFParams(FedAvgParams):
     distill_epochs: int = 10  # at most, with early stopping on a held-out part
     holdout_fraction: float = 0.2
     patience: int = 2
 
     def check(self, cfg: FedKDConfig) -> None:
+        super().check(cfg)
         for key in ("distill_epochs", "patience"):
             value = getattr(self, key)
             require(value >= 1, f"strategy.{key}", value, "an integer >= 1")
@@ -47,7 +48,6 @@ class FedDF(FedAvg):
 
     def __init__(self, cfg: FedKDConfig, params: FedDFParams) -> None:
         super().__init__(cfg, params)
-        self.p = params
         self.temperature = cfg.distill.temperature
 
     def ensemble_logits(self, replies: list[ClientReply], x: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,9 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
-from fedkd.comm.codecs import CODECS, check, decode, encode
+from fedkd.comm.codecs import CODECS, check, decode, encode, payload_bytes
 from fedkd.config import one_of, require
-from fedkd.distill import coordinate_median, entropy, mean_logits, trimmed_mean
+from fedkd.distill import entropy, mean_logits
 from fedkd.models import create_model
 from fedkd.protocol import (
     KNOWLEDGE,
@@ -46,25 +46,23 @@ from fedkd.protocol import (
 from fedkd.round import Round
 from fedkd.seeding import derive_seed
 from fedkd.training import soft_labels
-from strategies.base import ServerContext, Strategy, StrategyParams
+from strategies.base import ServerContext, Strategy
+from strategies.robust import AggregationParams, robust_center
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
 
-AGGREGATORS = ("mean", "median", "trimmed_mean")
-
 
 @dataclass
-class SoftLabelParams(StrategyParams):
+class SoftLabelParams(AggregationParams):
     codec: str = "float16"  # of the clients' uploads (and downloads unless set apart)
     weighted: bool = False  # weight clients by num-examples when aggregating
-    aggregator: str = "mean"  # mean | median | trimmed_mean
-    trim_fraction: float = 0.2
     label_memory: bool = False
     download_codec: str | None = None  # the teacher's soft labels; None: `codec`
     download_size: int | None = None  # a seeded sample of the round's items; None: all
 
     def check(self, cfg: FedKDConfig) -> None:
+        super().check(cfg)
         for key in ("codec", "download_codec"):
             value = getattr(self, key)
             require(value is None or value in CODECS, f"strategy.{key}", value, one_of(CODECS))
@@ -75,25 +73,11 @@ class SoftLabelParams(StrategyParams):
             self.download_size,
             f"a whole number from 1 to the proxy items per round ({per_round}), or null (all)",
         )
-        agg = self.aggregator
-        require(agg in AGGREGATORS, "strategy.aggregator", agg, one_of(AGGREGATORS))
         require(
-            agg == "mean" or not self.weighted,
+            not (self.robust and self.weighted),
             "strategy.weighted",
             self.weighted,
-            f"false with aggregator={agg} (unweighted)",
-        )
-        require(
-            agg == "mean" or cfg.privacy.mode != "client",
-            "strategy.aggregator",
-            agg,
-            "mean with privacy.mode=client (the noise is calibrated to a sum)",
-        )
-        require(
-            0 <= self.trim_fraction < 0.5,
-            "strategy.trim_fraction",
-            self.trim_fraction,
-            "a number in [0, 0.5)",
+            f"false with aggregator={self.aggregator} (unweighted)",
         )
         lifelong = cfg.lifelong.name != "none"
         require(
@@ -131,10 +115,8 @@ class SoftLabelStrategy(Strategy):
     def center(self, values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """Combine (K, n, C) per-client values into (n, C) with `strategy.aggregator`:
         the (weighted) mean, or a robust coordinate-wise median or trimmed mean."""
-        if self.p.aggregator == "median":
-            return coordinate_median(values)
-        if self.p.aggregator == "trimmed_mean":
-            return trimmed_mean(values, self.p.trim_fraction)
+        if self.p.robust:
+            return robust_center(values, self.p)
         return mean_logits(values, weights)
 
     def setup(self, ctx: ServerContext) -> None:
@@ -181,6 +163,9 @@ class SoftLabelStrategy(Strategy):
             raise InvalidReply(f"no ArrayRecord {KNOWLEDGE!r}")
         check(record, self.codec, LOGITS, r.knowledge_shape)
         return record
+
+    def payload_bytes_bound(self, r: Round) -> int:
+        return payload_bytes(encode(torch.zeros(r.knowledge_shape), self.codec, LOGITS))
 
     def aggregate(self, r: Round, replies: list[ClientReply]) -> tuple[ArrayRecord, dict[str, Any]]:
         shape = r.knowledge_shape

@@ -34,21 +34,22 @@ def reply(pid: int, content: RecordDict) -> Reply:
     return Reply(node_of(pid), pid, content)
 
 
-def logits_content(logits, n=50, dtype=np.float16, metrics=None) -> RecordDict:
+def logits_content(logits, n=50, dtype=np.float16, metrics=None, rnd=1) -> RecordDict:
     """A soft-label client's upload: metrics and its logits on the round's proxy items."""
+    if metrics is None:
+        metrics = {"round": rnd, "num-examples": n, "test-accuracy": 0.5}
     return RecordDict(
         {
-            METRICS: MetricRecord(
-                metrics if metrics is not None else {"num-examples": n, "test-accuracy": 0.5}
-            ),
+            METRICS: MetricRecord(metrics),
             KNOWLEDGE: ArrayRecord({LOGITS: Array(np.asarray(logits, dtype=dtype))}),
         }
     )
 
 
-def weights_content(weights: dict[str, torch.Tensor], n: int = 10) -> RecordDict:
+def weights_content(weights: dict[str, torch.Tensor], n: int = 10, rnd: int = 1) -> RecordDict:
     """A weight-sharing client's upload: metrics and its model's state dict."""
-    return RecordDict({METRICS: MetricRecord({"num-examples": n}), WEIGHTS: ArrayRecord(weights)})
+    metrics = MetricRecord({"round": rnd, "num-examples": n})
+    return RecordDict({METRICS: metrics, WEIGHTS: ArrayRecord(weights)})
 
 
 def rand_logits(r: Round, seed: int) -> np.ndarray:
@@ -99,6 +100,7 @@ def logits_round(
     position in the round); returns the round, the downloads and the round's stats."""
     r, downloads = prepare_round(state, rnd)
     replies = [
-        reply(pid, logits_content(rand_logits(r, i))) for i, (pid, _) in enumerate(downloads)
+        reply(pid, logits_content(rand_logits(r, i), rnd=rnd))
+        for i, (pid, _) in enumerate(downloads)
     ]
     return r, downloads, conclude_round(state, r, replies)

@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord
 from fedkd.protocol import LOGITS, InvalidReply, check_array
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+VALUE_BOUND = _FLOAT16_MAX  # no decoded value may exceed it in magnitude, in any codec
 SMOOTHING = 0.05  # mass spread over the other classes when decoding a 1-bit label
 
 
@@ -35,12 +36,18 @@ class Codec:
     name = "float32"
     dtype = np.float32
 
+    def keys(self, key: str) -> set[str]:
+        """The arrays a record of this codec holds."""
+        return {key}
+
     def encode(self, values: torch.Tensor, key: str, kind: str = "logits") -> ArrayRecord:
         v = values.detach().float().cpu()
         return ArrayRecord({key: Array(v.numpy().astype(self.dtype))})
 
     def check(self, record: ArrayRecord, key: str, shape: tuple[int, int]) -> None:
-        check_array(record, key, shape, np.dtype(self.dtype))
+        values = check_array(record, key, shape, np.dtype(self.dtype))
+        if values.size and float(np.abs(values).max()) > VALUE_BOUND:
+            raise InvalidReply(f"array {key!r} holds values beyond +-{VALUE_BOUND:g}")
 
     def decode(
         self, record: ArrayRecord, key: str, shape: tuple[int, int], kind: str
@@ -62,6 +69,9 @@ class Int8(Codec):
 
     name = "int8"
 
+    def keys(self, key: str) -> set[str]:
+        return {key, f"{key}-range"}
+
     def encode(self, values: torch.Tensor, key: str, kind: str = "logits") -> ArrayRecord:
         v = values.detach().float().cpu()
         lo, hi = (float(v.min()), float(v.max())) if v.numel() else (0.0, 0.0)
@@ -73,8 +83,8 @@ class Int8(Codec):
     def check(self, record: ArrayRecord, key: str, shape: tuple[int, int]) -> None:
         check_array(record, key, shape, np.dtype(np.uint8))
         lo, hi = check_array(record, f"{key}-range", (2,), np.dtype(np.float32))
-        if lo > hi:
-            raise InvalidReply(f"array {key!r}-range is not a range: [{lo}, {hi}]")
+        if not -VALUE_BOUND <= lo <= hi <= VALUE_BOUND:  # finite, so decoding stays finite
+            raise InvalidReply(f"array {key!r}-range [{lo}, {hi}] is not within +-{VALUE_BOUND:g}")
 
     def decode(
         self, record: ArrayRecord, key: str, shape: tuple[int, int], kind: str
@@ -119,7 +129,11 @@ def encode(values: torch.Tensor, codec: str, key: str, kind: str = "logits") -> 
 
 
 def check(record: ArrayRecord, codec: str, key: str, shape: tuple[int, int]) -> None:
-    """Raise InvalidReply unless `record` holds a well-formed (n, C) payload."""
+    """Raise InvalidReply unless `record` holds a well-formed (n, C) payload and
+    nothing else."""
+    expected = CODECS[codec].keys(key)
+    if set(record.keys()) != expected:
+        raise InvalidReply(f"record holds arrays {sorted(record.keys())}, not {sorted(expected)}")
     CODECS[codec].check(record, key, shape)
 
 

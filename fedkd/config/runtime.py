@@ -117,3 +117,4 @@ class OutputConfig:
     plots: bool = True
     progress: bool = True
     checkpoint: bool = True
+    overwrite: bool = False  # fedkd-sim into a directory holding a run: replace it

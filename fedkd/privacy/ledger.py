@@ -26,9 +26,17 @@ class PrivacyLedger:
     def __init__(self, cfg: FedKDConfig) -> None:
         self.privacy = cfg.privacy
         self.seed = cfg.seed
+        self.clients_per_round = cfg.clients_per_round
         self.sample_rate = cfg.clients_per_round / cfg.num_clients
         self.client_epsilon: dict[int, float] = {}  # sample: as clients report it
         self.noised_rounds = 0  # client: noised aggregations so far
+
+    def set_population(self, admitted: int) -> None:
+        """Sample over the partitions that passed the handshake, not the configured
+        num_clients: fewer admitted means each is sampled more often (with all
+        admitted the rate is the configured one, bit for bit)."""
+        if admitted > 0:
+            self.sample_rate = min(self.clients_per_round, admitted) / admitted
 
     @property
     def client_level(self) -> bool:
