@@ -10,6 +10,9 @@ so a faulty run is as reproducible as a clean one:
 - corrupt: the reply's knowledge is NaN or random bytes (the server's checks reject
   it and count it in `rejected`).
 
+Hostile clients (`hostile_fraction`, fedkd/hostile.py) rewrite their replies into
+malformed or hostile ones of many kinds, to test the server's checks.
+
 Adversaries are different: a fixed, seeded set of `faults.adversarial_fraction` of
 the partitions send well-formed but hostile logits every round (`flipped`: the
 negated logits, `uniform`: all equal, `extreme`: +-1000 on a random class). Nothing
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from fedkd.hostile import hostile_partitions, rewrite_reply, round_kind
 from fedkd.seeding import derive_seed, numpy_rng
 
 if TYPE_CHECKING:
@@ -119,3 +123,6 @@ def after_round(
         )
     if round_fault(cfg, rnd, pid) == CORRUPT:
         corrupt_reply(cfg, rnd, pid, content, key)
+    if pid in hostile_partitions(cfg.seed, cfg.num_clients, f.hostile_fraction):
+        kind = round_kind(cfg.seed, rnd, pid, list(f.hostile_kinds))
+        rewrite_reply(content, key, kind, cfg.seed, rnd, pid, recode_logits)

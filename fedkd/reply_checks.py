@@ -45,9 +45,9 @@ def _accuracies(key: str, value: Any, num_tasks: int) -> list[float]:
 
 # metric -> (low, high, integer); each is optional unless the reply kind needs it
 SCALARS: dict[str, tuple[float, float, bool]] = {
-    "train-loss": (0.0, math.inf, False),
+    "train-loss": (0.0, 1e9, False),  # finite: a diverged client teaches nothing
     "test-accuracy": (0.0, 1.0, False),
-    "compute-seconds": (0.0, math.inf, False),
+    "compute-seconds": (0.0, 1e9, False),
     "dp-epsilon": (0.0, math.inf, False),  # inf: DP-SGD with zero noise
 }
 TASK_LISTS = ("task-accuracy", "initial-task-accuracy")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedkd.config.checks import one_of, require
@@ -56,11 +56,17 @@ class FaultsConfig:
     adversarial_fraction: float = 0.0  # share of partitions sending hostile logits
     adversarial_mode: str = "flipped"  # flipped | uniform | extreme
     min_replies: int = 1  # fewer valid replies than this: the round is skipped
+    hostile_fraction: float = 0.0  # share of partitions whose replies are hostile (tests)
+    hostile_kinds: list[str] = field(default_factory=list)  # fedkd/hostile.py; []: all
 
     def check(self, cfg: FedKDConfig) -> None:
         from fedkd.faults import ADVERSARIAL_MODES, CORRUPT_MODES
+        from fedkd.hostile import KINDS
 
-        for key in ("client_crash_prob", "straggler_prob", "corrupt_prob", "adversarial_fraction"):
+        for kind in self.hostile_kinds:
+            require(kind in KINDS, "faults.hostile_kinds", kind, one_of(list(KINDS)))
+        probabilities = ("client_crash_prob", "straggler_prob", "corrupt_prob")
+        for key in (*probabilities, "adversarial_fraction", "hostile_fraction"):
             value = getattr(self, key)
             require(0 <= value <= 1, f"faults.{key}", value, "a probability in [0, 1]")
         total = self.client_crash_prob + self.straggler_prob + self.corrupt_prob
