@@ -161,3 +161,55 @@ def test_bench_summarize_without_results(tmp_path):
 
     with pytest.raises(FedKDError, match="no benchmark results"):
         summarize(str(tmp_path), None)
+
+
+def tree(run: Path) -> dict[str, bytes | None]:
+    """Every path under `run` (folders too) and each file's bytes."""
+    paths = run.rglob("*")
+    return {str(p.relative_to(run)): p.read_bytes() if p.is_file() else None for p in paths}
+
+
+def fedkd_sim_cli(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "simulations.run", *TINY, *overrides, f"hydra.run.dir={run}"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+
+
+@pytest.mark.parametrize("held", ["metrics.jsonl", CHECKPOINT, "summary.json"])
+def test_a_new_run_into_a_directory_holding_a_run_is_refused_unless_overwrite(tmp_path, held):
+    from fedkd.simulation import prepare
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / held).write_text("an earlier run's")
+    (run / "client_state").mkdir()
+    before = tree(run)
+    with pytest.raises(FedKDError, match="already holds a run") as err:
+        prepare(compose_cfg(*TINY), run)
+    assert "\n" not in str(err.value) and "output.overwrite=true" in str(err.value)
+    assert tree(run) == before
+    prepare(compose_cfg(*TINY, "output.overwrite=true"), run)  # told to: the old results go
+    assert not (run / held).exists()
+
+
+def test_fedkd_sim_into_an_existing_run_is_one_line_exit_2_and_touches_nothing(tmp_path):
+    run, _ = make_run_dir(tmp_path)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("the earlier run's composed config\n")
+    before = tree(run)
+    proc = fedkd_sim_cli(run)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("fedkd-sim: error: ") and "already holds a run" in lines[0]
+    assert tree(run) == before  # not even Hydra's .hydra/ files or log
+
+
+def test_a_failed_run_never_deletes_a_directory_that_was_there_before(tmp_path):
+    run = tmp_path / "run"
+    (run / "client_state").mkdir(parents=True)
+    (run / "config.yaml").write_text("someone's config\n")
+    (run / "client_state" / "client_000000.pt").write_bytes(b"someone's state")
+    proc = fedkd_sim_cli(run, "dataset=cifar10", "dataset.root=/nonexistent")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (run / "config.yaml").read_text() == "someone's config\n"
+    assert (run / "client_state" / "client_000000.pt").read_bytes() == b"someone's state"

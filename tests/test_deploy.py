@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from PIL import Image
 
 from fedkd import app as flwr_app
+from fedkd.admission import PartitionKeys, Refused
 from fedkd.compose import compose_config
 from fedkd.data.device import (
     device_federated_data,
@@ -20,7 +21,7 @@ from fedkd.data.device import (
 )
 from fedkd.data.federated import federated_data
 from fedkd.errors import ConfigError, DataError, FedKDError
-from fedkd.protocol import INFO, METRICS, QUERY
+from fedkd.protocol import CONFIG, INFO, METRICS, QUERY
 from simulations import deploy
 from tests.conftest import TINY
 
@@ -152,8 +153,11 @@ def context(node_config, overrides=OVERRIDES):
     )
 
 
-def query(node_config, overrides=OVERRIDES):
-    msg = Message(RecordDict(), dst_node_id=99, message_type=QUERY)
+def query(node_config, overrides=OVERRIDES, nonce=None):
+    content = RecordDict()
+    if nonce is not None:  # the server's challenge (fedkd.server.discover_partitions)
+        content[CONFIG] = ConfigRecord({"want": "partition-id", "nonce": nonce})
+    msg = Message(content, dst_node_id=99, message_type=QUERY)
     return flwr_app.client_app(msg, context(node_config, overrides))
 
 
@@ -203,12 +207,35 @@ def test_deploy_certs_and_keys_are_what_flower_loads(tmp_path, capsys):
     for i in range(2):
         assert try_load_public_key(tmp_path / "keys" / f"node-{i}.pub")
         load_ssh_private_key((tmp_path / "keys" / f"node-{i}").read_bytes(), None)
+    binding = PartitionKeys.load(tmp_path / "keys" / "partition-keys.json").by_key
+    pubs = [(tmp_path / "keys" / f"node-{i}.pub").read_text().strip() for i in range(2)]
+    assert binding == {pubs[0]: 0, pubs[1]: 1}  # node i's key holds partition i
     before = (tmp_path / "keys" / "node-0").read_bytes()
     with pytest.raises(SystemExit) as exit_info:
         deploy.main(["keys", str(tmp_path / "keys"), "--nodes", "1"])
     assert exit_info.value.code == 2
     assert "node-0 exists" in capsys.readouterr().err
     assert (tmp_path / "keys" / "node-0").read_bytes() == before  # nothing overwritten
+
+
+def test_a_node_with_auth_key_signs_its_claim_and_only_its_own_partition_verifies(tmp_path):
+    deploy.main(["keys", str(tmp_path / "keys"), "--nodes", "2"])
+    keys = PartitionKeys.load(tmp_path / "keys" / "partition-keys.json")
+    nonce = bytes(range(32))
+    node = {"partition-id": 1, "state-dir": str(tmp_path / "state")}
+    unsigned = query(node, nonce=nonce).content.config_records[INFO]
+    assert "signature" not in unsigned  # no auth-key: a plain claim, as in simulation
+    with pytest.raises(Refused, match="no signed claim"):
+        keys.verify(unsigned, nonce, 7, 1)
+    own = query({**node, "auth-key": str(tmp_path / "keys" / "node-1")}, nonce=nonce)
+    keys.verify(own.content.config_records[INFO], nonce, 7, 1)  # run 7: context()'s
+    with pytest.raises(Refused, match="does not verify"):  # replayed in another handshake
+        keys.verify(own.content.config_records[INFO], bytes(32), 7, 1)
+    impostor = query({**node, "auth-key": str(tmp_path / "keys" / "node-0")}, nonce=nonce)
+    with pytest.raises(Refused, match="claims partition 1, but its key is bound to partition 0"):
+        keys.verify(impostor.content.config_records[INFO], nonce, 7, 1)
+    with pytest.raises(Exception, match=r"auth-key=.*cannot read it"):
+        query({**node, "auth-key": str(tmp_path / "nowhere")}, nonce=nonce)
 
 
 def test_deploy_shard_takes_overrides_after_options(tmp_path, capsys):

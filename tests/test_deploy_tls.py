@@ -8,97 +8,31 @@ equal those of `fedkd-sim` with the same overrides."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from fedkd.results import TIMING_FIELDS, read_metrics
+from tests.deploy_helpers import (
+    Processes,
+    cli,
+    flwr_env,
+    free_port,
+    online_nodes,
+    start_superlink,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 OVERRIDES = (
     "num_clients=2 clients_per_round=2 rounds=2 proxy.size=500 "
     "eval.client_test_size=500 eval.teacher_test_size=1000 output.plots=false"
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """Background processes, each in its own session, killed with their children."""
-
-    def __init__(self, logs: Path, env: dict[str, str]) -> None:
-        self.logs, self.env, self.procs = logs, env, {}
-        logs.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
-    out = subprocess.run(
-        [str(BIN / args[0]), *args[1:]],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=timeout,
-    )
-    assert out.returncode == 0, f"{args}: {out.stdout[-3000:]}{out.stderr[-3000:]}"
-    return out.stdout
-
-
-def wait_until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
-def online_nodes(env: dict[str, str]) -> int:
-    nodes = json.loads(cli(env, "flwr", "supernode", "list", "--format", "json"))["nodes"]
-    return sum(1 for n in nodes if n.get("status") == "online")
-
-
 def test_tls_authenticated_deployment_runs_dsfl_and_refuses_strangers(tmp_path):
-    # Flower's processes start their helpers (flower-superexec, flwr-serverapp) by name
-    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": path}
+    env = flwr_env(tmp_path)
     certs, keys = tmp_path / "certs", tmp_path / "keys"
     cli(env, "fedkd-deploy", "certs", str(certs))
     cli(env, "fedkd-deploy", "certs", str(tmp_path / "other-ca"))
@@ -108,23 +42,9 @@ def test_tls_authenticated_deployment_runs_dsfl_and_refuses_strangers(tmp_path):
     device_data = tmp_path / "device1.npz"  # node 1's own file: partition 1
     cli(env, "fedkd-deploy", "shard", str(device_data), "--partition", "1", *OVERRIDES.split())
 
-    port = free_port()
-    link = f"127.0.0.1:{port}"
-    (tmp_path / "flwr").mkdir()
-    (tmp_path / "flwr" / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedkd"\n\n[superlink.fedkd]\naddress = "{link}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n'
-    )
     procs = Processes(tmp_path / "logs", env)
     try:
-        procs.start(
-            "superlink", "flower-superlink", "--port", str(port),
-            "--ssl-ca-certfile", str(certs / "ca.crt"),
-            "--ssl-certfile", str(certs / "server.pem"),
-            "--ssl-keyfile", str(certs / "server.key"),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-        )  # fmt: skip
-        wait_until(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink")
+        link = start_superlink(procs, env, certs, free_port())
         for i in range(3):  # node-3 stays unregistered
             cli(env, "flwr", "supernode", "register", str(keys / f"node-{i}.pub"))
 

@@ -67,3 +67,22 @@ def test_missing_student_or_run_is_a_clean_error(run_dir, tmp_path):
         load_student(run_dir, cfg, data, 2)
     with pytest.raises(FedKDError, match="not a fedkd run directory"):
         load_run(tmp_path / "nothing")
+
+
+def test_a_server_checkpoint_holding_code_is_refused_without_running_it(run_dir, tmp_path):
+    from tests.test_files import Payload
+
+    marker = tmp_path / "ran"
+    torch.save({"state": {"teacher": Payload(marker)}}, run_dir / "checkpoint.pt")
+    cfg, data = load_run(run_dir)
+    with pytest.raises(FedKDError, match="unreadable checkpoint") as err:
+        load_server_model(run_dir, cfg, data)
+    assert "\n" not in str(err.value) and not marker.exists()
+
+
+def test_saved_weights_that_do_not_fit_are_a_clean_error(run_dir):
+    torch.save({"state": {"teacher": {"conv.weight": torch.zeros(1)}}}, run_dir / "checkpoint.pt")
+    cfg, data = load_run(run_dir)
+    with pytest.raises(FedKDError, match="do not fit the run's model") as err:
+        load_server_model(run_dir, cfg, data)
+    assert "\n" not in str(err.value)
