@@ -128,6 +128,12 @@ class PartitionKeys:
             raise Refused(f"it claims partition {pid}, but its key is bound to partition {owner}")
 
 
+def declared_examples(reply: Message) -> int | None:
+    """The shard size a node declared in its (checked) handshake reply: no reply of
+    its may later claim more examples (fedkd/reply_checks.py)."""
+    return reply.content.metric_records[METRICS].get("num-examples")
+
+
 def read_claim(
     reply: Message,
     expected: int,
@@ -153,6 +159,9 @@ def read_claim(
         raise Refused(f"malformed reply: partition-id={pid!r} is not an integer")
     if not 0 <= pid < expected:
         raise Refused(f"it claims partition {pid}, outside 0..{expected - 1}")
+    examples = content.metric_records[METRICS].get("num-examples")
+    if examples is not None and (type(examples) is not int or examples < 1):
+        raise Refused(f"malformed reply: num-examples={examples!r} is not a count")
     info = content.config_records.get(INFO)
     theirs = None if info is None else info.get("proxy-digest")
     if not isinstance(theirs, str):

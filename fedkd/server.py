@@ -17,7 +17,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedkd.admission import NONCE_BYTES, PartitionKeys, Refused, read_claim
+from fedkd.admission import NONCE_BYTES, PartitionKeys, Refused, declared_examples, read_claim
 from fedkd.checkpoint import load_checkpoint
 from fedkd.errors import FedKDError
 from fedkd.protocol import CONFIG, QUERY
@@ -56,9 +56,11 @@ def discover_partitions(
     proxy_digest: str,
     keys: PartitionKeys | None = None,
     run_id: int = 0,
+    shard_sizes: dict[int, int] | None = None,
 ) -> dict[int, int]:
     """Ask every node for its partition id; return {node id: partition id} of the
-    nodes admitted. A node that fails the handshake (an error, a malformed reply,
+    nodes admitted (and fill `shard_sizes`, partition id -> the number of examples
+    its node declared, when given). A node that fails the handshake (an error, a malformed reply,
     another proxy set, with `keys` a claim its key does not prove) is left out with a
     warning, and so is every claimant of a partition two nodes claim: no reply can
     stop the federation from forming."""
@@ -80,6 +82,7 @@ def discover_partitions(
                 raise Refused("it answered twice")
             answered.add(node)
             pid = read_claim(reply, expected, proxy_digest, nonces.get(node), run_id, keys)
+            declared = declared_examples(reply)
         except Refused as exc:
             log.warning("node %s failed the handshake and is left out: %s", node, exc)
             continue
@@ -92,6 +95,8 @@ def discover_partitions(
             )
             continue
         claims.setdefault(pid, []).append(node)
+        if shard_sizes is not None and declared is not None:
+            shard_sizes[pid] = declared
     partitions: dict[int, int] = {}
     for pid, claimants in sorted(claims.items()):
         if len(claimants) > 1:
@@ -139,7 +144,14 @@ def run_server(
     if state.strategy.uses_clients:
         nodes = wait_for_nodes(grid, cfg.num_clients, sim.register_timeout)
         partitions = discover_partitions(
-            grid, nodes, cfg.num_clients, sim.register_timeout, data.proxy_digest, keys, run_id
+            grid,
+            nodes,
+            cfg.num_clients,
+            sim.register_timeout,
+            data.proxy_digest,
+            keys,
+            run_id,
+            shard_sizes=state.declared_examples,
         )
         state.privacy.set_population(len(partitions))  # DP sampling over those admitted
     state.population = sorted(partitions.values())

@@ -246,7 +246,7 @@ def test_run_server_samples_dp_over_the_admitted_population(plain_cfg, tmp_path,
         raise Stop
 
     monkeypatch.setattr(server, "wait_for_nodes", lambda grid, n, t: [5, 6])
-    monkeypatch.setattr(server, "discover_partitions", lambda *a: {5: 0, 6: 2})
+    monkeypatch.setattr(server, "discover_partitions", lambda *a, **kw: {5: 0, 6: 2})
     monkeypatch.setattr(server, "run_rounds", run_rounds)
     with pytest.raises(Stop):
         server.run_server(None, plain_cfg("clients_per_round=1"), tmp_path)

@@ -17,15 +17,7 @@ import json
 import pytest
 
 from fedkd.results import read_metrics
-from tests.deploy_helpers import (
-    Processes,
-    cli,
-    flwr_env,
-    free_port,
-    online_nodes,
-    start_superlink,
-    wait_until,
-)
+from tests import deploy_helpers as dh
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +29,15 @@ OVERRIDES = (
 
 
 def test_a_logits_only_node_refuses_weights_and_an_impostor_is_left_out(tmp_path):
-    env = flwr_env(tmp_path)
+    env = dh.flwr_env(tmp_path)
     certs, keys = tmp_path / "certs", tmp_path / "keys"
-    cli(env, "fedkd-deploy", "certs", str(certs))
-    cli(env, "fedkd-deploy", "keys", str(keys), "--nodes", "3")  # + partition-keys.json
-    procs = Processes(tmp_path / "logs", env)
+    dh.cli(env, "fedkd-deploy", "certs", str(certs))
+    dh.cli(env, "fedkd-deploy", "keys", str(keys), "--nodes", "3")  # + partition-keys.json
+    procs = dh.Processes(tmp_path / "logs", env)
     try:
-        link = start_superlink(procs, env, certs, free_port())
+        link = dh.start_superlink(procs, env, certs, dh.free_port())
         for i in range(3):
-            cli(env, "flwr", "supernode", "register", str(keys / f"node-{i}.pub"))
+            dh.cli(env, "flwr", "supernode", "register", str(keys / f"node-{i}.pub"))
         nodes = {
             "logits-only": (0, 0, ' allow-replies="logits"'),
             "owner": (1, 1, ""),
@@ -53,19 +45,21 @@ def test_a_logits_only_node_refuses_weights_and_an_impostor_is_left_out(tmp_path
         }
         for name, (key, pid, policy) in nodes.items():
             procs.start(
-                name, "flower-supernode", "--superlink", link, "--port", str(free_port()),
+                name, "flower-supernode", "--superlink", link, "--port", str(dh.free_port()),
                 "--root-certificates", str(certs / "ca.crt"),
                 "--auth-supernode-private-key", str(keys / f"node-{key}"),
                 "--node-config",
                 f'partition-id={pid} auth-key="{keys / f"node-{key}"}"{policy}',
             )  # fmt: skip
-        wait_until(lambda: online_nodes(env) == 3, 120, "three SuperNodes")
+        dh.wait_until(lambda: dh.online_nodes(env) == 3, 120, "three SuperNodes")
         out = tmp_path / "out"
         run_config = (
             f'overrides="{OVERRIDES}" out-dir="{out}" '
             f'partition-keys="{keys / "partition-keys.json"}"'
         )
-        streamed = cli(env, "flwr", "run", ".", "--stream", "--run-config", run_config, timeout=600)
+        streamed = dh.cli(
+            env, "flwr", "run", ".", "--stream", "--run-config", run_config, timeout=600
+        )
     finally:
         procs.stop_all()
 
