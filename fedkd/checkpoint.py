@@ -52,17 +52,35 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    """One line out of torch's multi-line load errors."""
+    """The first sentence of torch's multi-line load errors (none of its advice on
+    how to load the file anyway)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if lines and lines[0].startswith("Weights only load failed"):
         detail = [ln for ln in lines if not ln.startswith(("Check the documentation", "Please"))]
         last = detail[-1] if len(detail) > 1 else "a pickled object"
-        return f"holds more than tensors and plain values, not loaded: {last}"
-    return lines[0][:200] if lines else type(exc).__name__
+        last = last.removeprefix("WeightsUnpickler error: ").split(" was not an allowed")[0]
+        return f"holds more than tensors and plain values, not loaded: {last.split('. ')[0]}"
+    return lines[0].split(". ")[0][:200] if lines else type(exc).__name__
+
+
+def _damaged_entry(path: Path) -> str | None:
+    """The first entry of torch's zip archive whose CRC does not match (bytes changed
+    after writing); torch itself reads tensor data without checking it."""
+    if not zipfile.is_zipfile(path):
+        return None  # truncated or not torch's format: torch.load says what is wrong
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        return str(exc) or type(exc).__name__
 
 
 def read_checkpoint(path: Path) -> Any:
-    """The contents of a checkpoint file, rebuilt by torch's safe (weights-only) loader."""
+    """The contents of a checkpoint file, rebuilt by torch's safe (weights-only) loader
+    once every byte is checked against the archive's CRCs."""
+    damaged = _damaged_entry(path)
+    if damaged is not None:
+        raise CheckpointError(f"{path}: unreadable checkpoint (damaged: {damaged})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (

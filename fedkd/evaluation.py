@@ -49,7 +49,7 @@ class LifelongEvaluation:
         evaluation = self.evaluate(model)
         task, end = stream.global_task(rnd), stream.is_task_end(rnd, rounds)
         if self.student_baselines:
-            self.students.baseline = list(np.mean(np.array(self.student_baselines), axis=0))
+            self.students.baseline = np.mean(np.array(self.student_baselines), axis=0).tolist()
         row = {k: v for k, v in evaluation.items() if k != "task_accuracy"}
         row.update(self.teacher.round(task, evaluation.get("task_accuracy"), end))
         row.update(self.students.round(task, student_row, end))

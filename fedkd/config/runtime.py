@@ -18,7 +18,7 @@ class SimulationConfig:
     ray_address: str | None = None  # join an existing Ray cluster ("auto" or host:port)
     register_timeout: float = 120.0  # seconds to wait for all nodes before round 1
     round_timeout: float | None = None  # seconds; late replies are dropped
-    client_state_dir: str | None = None  # default: <run dir>/client_state
+    client_state_dir: str | None = None  # <run dir>/client_state; if set, a folder per run
     keep_client_state: bool = True
     fast_dispatch: bool = True  # fedkd/flower_patches.py: O(messages) delivery, 10 ms polling
     verbose: bool = False  # show Flower's and Ray's own logs
