@@ -64,16 +64,17 @@ class ReplyLimits:
     max_examples: int | None  # the node's shard size, as declared in the handshake
 
 
-def check_reply(content: RecordDict, limits: ReplyLimits) -> dict[str, Any]:
-    """Check a reply's records and metrics; returns its metrics. Raise InvalidReply."""
+def check_reply(content: RecordDict, limits: ReplyLimits, size: int) -> dict[str, Any]:
+    """Check a reply (`size`: the bytes of its arrays) and its metrics; returns its
+    metrics. Raise InvalidReply."""
     if not isinstance(content, RecordDict):
         raise InvalidReply(f"not a RecordDict but {type(content).__name__}")
-    _records(content, limits)
+    _records(content, limits, size)
     _info(content)
     return _metrics(content, limits)
 
 
-def _records(content: RecordDict, limits: ReplyLimits) -> None:
+def _records(content: RecordDict, limits: ReplyLimits, size: int) -> None:
     arrays = set(content.array_records)
     allowed = {limits.payload} - {None}
     if arrays - allowed:
@@ -86,7 +87,6 @@ def _records(content: RecordDict, limits: ReplyLimits) -> None:
         raise InvalidReply(
             f"unexpected ConfigRecord(s) {sorted(set(content.config_records) - {INFO})}"
         )
-    size = sum(r.count_bytes() for r in content.array_records.values())
     cap = limits.max_payload_bytes + METADATA_BYTES
     if size > cap:
         raise InvalidReply(f"{size} bytes of arrays, more than this round allows ({cap})")

@@ -11,7 +11,6 @@ loads with `weights_only=True`.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,7 +61,7 @@ class ServerState:
             "round": self.round,
             "strategy": self.strategy.name,
             "config_digest": config_digest(self.plain),
-            **{key: plain_values(part.state_dict()) for key, part in self.parts().items()},
+            **{key: part.state_dict() for key, part in self.parts().items()},
             "ray_nodes": sorted(self.ray_nodes),
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": numpy_rng_state(),
@@ -95,28 +94,6 @@ def _restoring(key: str) -> Iterator[None]:
         raise CheckpointError(
             f"{CHECKPOINT}: damaged checkpoint ({key}: {type(exc).__name__}: {first})"
         ) from None
-
-
-def plain_values(obj: Any) -> Any:
-    """numpy scalars as Python numbers and numpy arrays as tensors, at any depth: the
-    weights-only loader refuses numpy objects (a part may hand over np.float64s).
-    Containers without any are returned as they are (a model's state dict keeps
-    its `_metadata`)."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj.copy())
-    if isinstance(obj, dict):
-        items = {k: plain_values(v) for k, v in obj.items()}
-        if all(items[k] is v for k, v in obj.items()):
-            return obj
-        return OrderedDict(items) if isinstance(obj, OrderedDict) else items
-    if type(obj) in (list, tuple):
-        values = [plain_values(v) for v in obj]
-        if all(a is b for a, b in zip(values, obj, strict=True)):
-            return obj
-        return type(obj)(values)
-    return obj
 
 
 def numpy_rng_state() -> dict[str, Any]:

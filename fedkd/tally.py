@@ -53,16 +53,20 @@ class ReplyTally:
             log.warning("round %d: client error from node %s: %s", rnd, reply.node, reply.error)
             return
         content = reply.content
+        size = 0  # bytes of arrays received, valid or not
         if isinstance(content, RecordDict):
-            self.bytes_up += sum(payload_bytes(r) for r in content.array_records.values())
+            size = sum(payload_bytes(r) for r in content.array_records.values())
+        self.bytes_up += size
         try:
-            self.valid.append(self.parse(reply.partition_id, content, reply.node))
+            self.valid.append(self.parse(reply.partition_id, content, reply.node, size))
         except Exception as exc:
             self.rejected += 1
             why = exc if isinstance(exc, InvalidReply) else f"{type(exc).__name__}: {exc}"
             log.warning("round %d: rejected reply from node %s: %s", rnd, reply.node, why)
 
-    def parse(self, pid: int | None, content: RecordDict, node: int | None = None) -> ClientReply:
+    def parse(
+        self, pid: int | None, content: RecordDict, node: int | None, size: int
+    ) -> ClientReply:
         """Validate one client's upload; raise InvalidReply, naming what is wrong."""
         if pid is None:
             raise InvalidReply(f"unknown node {node}")
@@ -72,11 +76,10 @@ class ReplyTally:
         if any(r.partition_id == pid for r in self.valid):
             raise InvalidReply(f"second reply from partition {pid}")
         limits = replace(self.limits, max_examples=self.declared.get(pid))
-        metrics = check_reply(content, limits)
+        metrics = check_reply(content, limits, size)
         payload = self.check_payload(self.round, content)
-        up = sum(payload_bytes(r) for r in content.array_records.values())
         info = {k: str(v) for k, v in content.config_records.get(INFO, {}).items()}
-        return ClientReply(pid, int(metrics["num-examples"]), metrics, payload, up, info)
+        return ClientReply(pid, int(metrics["num-examples"]), metrics, payload, size, info)
 
     def close(self, received: int) -> list[ClientReply]:
         """After the last reply: count the missing ones; the valid ones in partition order."""

@@ -83,6 +83,7 @@ class FedAvg(Strategy):
     def __init__(self, cfg: FedKDConfig, params: FedAvgParams) -> None:
         super().__init__(cfg, params)
         self.p = params
+        self._reference: tuple[int, dict[str, torch.Tensor], float] | None = None
 
     @classmethod
     def check_config(cls, cfg: FedKDConfig, mitigation: type[Mitigation]) -> None:
@@ -113,24 +114,33 @@ class FedAvg(Strategy):
         record = content.array_records.get(WEIGHTS)
         if record is None:
             raise InvalidReply(f"no ArrayRecord {WEIGHTS!r}")
-        reference = cpu_state(self.model)  # what was broadcast: aggregation comes after
+        reference, bound = self.broadcast_reference(r)
         if set(record.keys()) != set(reference):
             raise InvalidReply("weights do not match the global model's parameter names")
-        distance = norm = 0.0
+        distance = 0.0
         for key, ref in reference.items():
             arr = check_array(record, key, tuple(ref.shape), ref.numpy().dtype)
             if ref.is_floating_point():
                 distance += float(((torch.from_numpy(arr).double() - ref.double()) ** 2).sum())
-                norm += float((ref.double() ** 2).sum())
-        bound = self.p.max_update_ratio * max(norm**0.5, 1.0)
         if distance**0.5 > bound:
             raise InvalidReply(
                 f"weights {distance**0.5:.3g} from the broadcast model (> {bound:.3g})"
             )
         return record
 
+    def broadcast_reference(self, r: Round) -> tuple[dict[str, torch.Tensor], float]:
+        """The weights broadcast in round r (aggregation comes after every check) and
+        how far from them a reply may lie; computed once per round."""
+        if self._reference is None or self._reference[0] != r.number:
+            state = cpu_state(self.model)
+            norm = sum(
+                float((v.double() ** 2).sum()) for v in state.values() if v.is_floating_point()
+            )
+            self._reference = (r.number, state, self.p.max_update_ratio * max(norm**0.5, 1.0))
+        return self._reference[1], self._reference[2]
+
     def payload_bytes_bound(self, r: Round) -> int:
-        return ArrayRecord(cpu_state(self.model)).count_bytes()
+        return ArrayRecord(self.broadcast_reference(r)[0]).count_bytes()
 
     def average(self, replies: list[ClientReply]) -> dict[str, torch.Tensor]:
         states = [r.arrays.to_torch_state_dict() for r in replies]

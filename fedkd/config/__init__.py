@@ -120,7 +120,7 @@ def build_component(registry: Registry, cfg: FedKDConfig, key: str) -> Any:
 def validate(cfg: DictConfig | dict[str, Any]) -> FedKDConfig:
     """Check every value Hydra's types cannot; raise ConfigError on the first bad one.
     Returns the typed config."""
-    from fedkd.mitigations import MITIGATIONS, build_mitigation
+    from fedkd.mitigations import build_mitigation
     from fedkd.registry import import_plugins
     from strategies import STRATEGIES, build_strategy
 
@@ -135,10 +135,9 @@ def validate(cfg: DictConfig | dict[str, Any]) -> FedKDConfig:
     import_plugins(settings.plugins)
     settings.check()
     strategy_cls = STRATEGIES.get(settings.strategy["name"])
-    mitigation_cls = MITIGATIONS.get(settings.mitigation["name"])
     mitigation = build_mitigation(settings)  # checks the mitigation's own Params
     mitigation.check_config(settings)
-    strategy_cls.check_config(settings, mitigation_cls)
+    strategy_cls.check_config(settings, type(mitigation))
     build_strategy(settings)  # checks the strategy's own Params
     return settings
 
