@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from fedkd.protocol import (
 )
 from fedkd.resources import client_device, in_ray_worker
 from fedkd.seeding import torch_generator
-from fedkd.training import accuracy, predict_logits, train_student
+from fedkd.training import accuracy, distill_to_targets, predict_logits, train_student
 
 
 @dataclass
@@ -105,14 +105,18 @@ def evaluate_tasks(model: nn.Module, data: FederatedData, device: str) -> list[f
 
 
 def teacher_labels(
-    plan: RoundPlan, arrays: dict[str, ArrayRecord], proxy_x: torch.Tensor, num_classes: int
+    plan: RoundPlan, arrays: dict[str, ArrayRecord], data: FederatedData, proxy_x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The proxy items the teacher's soft labels cover, and the labels (None: none sent)."""
+    """The proxy items the teacher's soft labels cover, and the labels (None: none sent).
+
+    The items are the round's own (`proxy_x`), or those `plan.teacher_proxy` names."""
     if TEACHER not in arrays:
         return proxy_x, None
+    if plan.teacher_proxy:
+        proxy_x = data.proxy_inputs(list(plan.teacher_proxy))
     rows = plan.teacher_rows(len(proxy_x))
     kd_x = proxy_x[torch.from_numpy(rows)] if len(rows) < len(proxy_x) else proxy_x
-    shape = (len(kd_x), num_classes)
+    shape = (len(kd_x), data.num_classes)
     try:
         check(arrays[TEACHER], plan.teacher_codec, SOFT_LABELS, shape)
     except InvalidReply as exc:
@@ -125,6 +129,9 @@ def train_round(runtime: ClientRuntime, ctx: ClientRound) -> tuple[float, dict[s
     loss = runtime.mitigation.client_train(ctx)
     if loss is not None:
         return loss, {}
+    if ctx.training.schedule == "sequential" and ctx.teacher_probs is not None:
+        digest(ctx)  # KD on the proxy first; local training below has no teacher
+        ctx = replace(ctx, teacher_probs=None)
     extras = runtime.mitigation.client_extras(ctx)
     if runtime.cfg.privacy.mode == "sample":
         loss = train_private(runtime, ctx, extras.x, extras.y)
@@ -143,6 +150,25 @@ def train_round(runtime: ClientRuntime, ctx: ClientRound) -> tuple[float, dict[s
         )
     ctx.state["task"] = ctx.plan.task
     return loss, extras.info
+
+
+def digest(ctx: ClientRound) -> float:
+    """The sequential schedule's first phase (FedMD's "digest", DS-FL's distillation):
+    `kd_epochs` of plain SGD toward the server's labels on the proxy items."""
+    hp = ctx.training
+    opt = torch.optim.SGD(ctx.student.parameters(), lr=hp.kd_lr)
+    return distill_to_targets(
+        ctx.student,
+        ctx.kd_x,
+        ctx.teacher_probs,
+        temperature=hp.temperature,
+        epochs=hp.kd_epochs,
+        lr=hp.kd_lr,
+        batch_size=hp.kd_batch_size,
+        generator=ctx.generator,
+        device=ctx.device,
+        optimizer=opt,
+    )
 
 
 def client_reply(plain: dict[str, Any], pid: int, download: RecordDict) -> RecordDict:
@@ -164,7 +190,7 @@ def client_reply(plain: dict[str, Any], pid: int, download: RecordDict) -> Recor
         student.load_state_dict(arrays[WEIGHTS].to_torch_state_dict())
 
     proxy_x = data.proxy_inputs(list(plan.proxy))
-    kd_x, teacher_probs = teacher_labels(plan, arrays, proxy_x, data.num_classes)
+    kd_x, teacher_probs = teacher_labels(plan, arrays, data, proxy_x)
     x, y = data.client_data(pid, plan.task)
     previous = state.get("task")
     ctx = ClientRound(

@@ -67,6 +67,9 @@ class RoundPlan:
     teacher_codec: str = "float16"  # the teacher's soft labels; `codec` is for uploads
     teacher_count: int = -1  # soft labels on a seeded sample of this many items; -1: all
     teacher_seed: int = 0
+    # the proxy items the teacher's labels are for, when not the round's own (the
+    # previous round's consensus, strategy.broadcast=consensus); empty: `proxy`
+    teacher_proxy: tuple[ProxySegment, ...] = ()
 
     def teacher_rows(self, n: int) -> np.ndarray:
         """Which of the round's n proxy items the teacher's soft labels are for."""
@@ -75,27 +78,33 @@ class RoundPlan:
     def to_record(self) -> ConfigRecord:
         values: dict = {}
         for f in fields(self):
-            if f.name not in ("proxy", "training"):
+            if f.name not in ("proxy", "training", "teacher_proxy"):
                 values[_key(f.name)] = getattr(self, f.name)
         for f in fields(LocalTraining):
             values[_key(f.name)] = getattr(self.training, f.name)
-        values["proxy-tasks"] = [s.task for s in self.proxy]
-        values["proxy-seeds"] = [s.seed for s in self.proxy]
-        values["proxy-counts"] = [s.count for s in self.proxy]
+        for prefix, segments in (("proxy", self.proxy), ("teacher-proxy", self.teacher_proxy)):
+            values[f"{prefix}-tasks"] = [s.task for s in segments]
+            values[f"{prefix}-seeds"] = [s.seed for s in segments]
+            values[f"{prefix}-counts"] = [s.count for s in segments]
         return ConfigRecord(values)
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundPlan:
-        values = {
-            f.name: record[_key(f.name)] for f in fields(cls) if f.name not in ("proxy", "training")
-        }
+        segmented = ("proxy", "training", "teacher_proxy")
+        values = {f.name: record[_key(f.name)] for f in fields(cls) if f.name not in segmented}
         values["training"] = LocalTraining(
             **{f.name: record[_key(f.name)] for f in fields(LocalTraining)}
         )
-        segments = zip(
-            record["proxy-tasks"], record["proxy-seeds"], record["proxy-counts"], strict=True
-        )
-        values["proxy"] = tuple(ProxySegment(int(t), int(s), int(c)) for t, s, c in segments)
+        for prefix in ("proxy", "teacher-proxy"):
+            segments = zip(
+                record[f"{prefix}-tasks"],
+                record[f"{prefix}-seeds"],
+                record[f"{prefix}-counts"],
+                strict=True,
+            )
+            values[prefix.replace("-", "_")] = tuple(
+                ProxySegment(int(t), int(s), int(c)) for t, s, c in segments
+            )
         return cls(**values)
 
     @property

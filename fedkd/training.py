@@ -30,6 +30,10 @@ class LocalTraining:
     weight_decay: float = 0.0
     alpha: float = 0.5  # CE weight when a teacher is present
     temperature: float = 3.0
+    schedule: str = "joint"  # joint: CE + KD each step; sequential: KD epochs, then CE
+    kd_epochs: int = 1  # sequential
+    kd_lr: float = 0.1  # sequential
+    kd_batch_size: int = 50  # sequential
 
     @classmethod
     def from_config(cls, train: TrainConfig, distill: DistillConfig) -> LocalTraining:
@@ -42,6 +46,10 @@ class LocalTraining:
             weight_decay=train.weight_decay,
             alpha=distill.alpha,
             temperature=distill.temperature,
+            schedule=distill.client_schedule,
+            kd_epochs=distill.client_epochs,
+            kd_lr=distill.client_lr,
+            kd_batch_size=distill.client_batch_size,
         )
 
 

@@ -195,12 +195,19 @@ class Strategy:
             model,
             x,
             t,
-            temperature=kd.temperature,
+            temperature=kd.server_tau,
             epochs=kd.server_epochs,
             lr=kd.server_lr,
             batch_size=kd.server_batch_size,
             generator=torch_generator(self.seed, r.number, "teacher-distill"),
             device=self.device,
-            optimizer=optimizer,
+            optimizer=optimizer or self.server_optimizer(model),
             weights=w,
         )
+
+    def server_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer `distill.server_optimizer` names, for a server-side model."""
+        kd = self.cfg.distill
+        if kd.server_optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=kd.server_lr, momentum=kd.server_momentum)
+        return torch.optim.Adam(model.parameters(), lr=kd.server_lr)

@@ -77,7 +77,7 @@ class FedDF(FedAvg):
                 )
 
         kd = self.cfg.distill
-        opt = torch.optim.Adam(self.model.parameters(), lr=kd.server_lr)
+        opt = self.server_optimizer(self.model)  # fresh each round, as in FedDF
         gen = torch_generator(self.seed, rnd, "feddf-distill")
         best, best_state, bad, used = val_loss(), cpu_state(self.model), 0, 0
         start = best

@@ -40,6 +40,7 @@ from fedkd.protocol import (
     TEACHER,
     ClientReply,
     InvalidReply,
+    ProxySegment,
     RoundPlan,
     download_rows,
 )
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
 
 
+BROADCASTS = ("teacher", "consensus")
+
+
 @dataclass
 class SoftLabelParams(AggregationParams):
     codec: str = "float16"  # of the clients' uploads (and downloads unless set apart)
@@ -60,12 +64,19 @@ class SoftLabelParams(AggregationParams):
     label_memory: bool = False
     download_codec: str | None = None  # the teacher's soft labels; None: `codec`
     download_size: int | None = None  # a seeded sample of the round's items; None: all
+    # what clients learn from: the teacher's soft labels on this round's items (fedkd),
+    # or the previous round's consensus on that round's items (the DS-FL and FedMD
+    # papers; BlazeFL's DS-FL)
+    broadcast: str = "teacher"
 
     def check(self, cfg: FedKDConfig) -> None:
         super().check(cfg)
         for key in ("codec", "download_codec"):
             value = getattr(self, key)
             require(value is None or value in CODECS, f"strategy.{key}", value, one_of(CODECS))
+        require(
+            self.broadcast in BROADCASTS, "strategy.broadcast", self.broadcast, one_of(BROADCASTS)
+        )
         per_round = cfg.proxy.per_round
         require(
             self.download_size is None or 1 <= self.download_size <= per_round,
@@ -129,10 +140,13 @@ class SoftLabelStrategy(Strategy):
             seed=(self.seed, "teacher-init"),
             **m.teacher_kwargs,
         ).to(self.device)
-        self.optimizer = torch.optim.Adam(self.teacher.parameters(), lr=self.cfg.distill.server_lr)
+        self.optimizer = self.server_optimizer(self.teacher)
         # label_memory: the latest target per proxy item; NaN rows: none received yet
         n, c = len(self.data.proxy_index), self.data.num_classes
         self.memory = torch.full((n, c), float("nan")) if self.p.label_memory else None
+        # broadcast=consensus: the last round's targets and the proxy items they cover
+        self.consensus: torch.Tensor | None = None
+        self.consensus_items: list[list[int]] = []  # ProxySegment fields, plain
 
     @property
     def server_model(self) -> nn.Module:
@@ -146,15 +160,20 @@ class SoftLabelStrategy(Strategy):
         return {"teacher_codec": self.download_codec, "teacher_count": count, "teacher_seed": seed}
 
     def plan(self, r: Round, pid: int) -> RoundPlan:
-        return replace(super().plan(r, pid), **self.download_plan(r.number))
+        items = tuple(ProxySegment(*seg) for seg in self.consensus_items)
+        return replace(super().plan(r, pid), **self.download_plan(r.number), teacher_proxy=items)
 
     def broadcast(self, r: Round) -> dict[str, ArrayRecord]:
         if not self.teacher_ready:
             return {}
         sub = self.download_plan(r.number)
-        rows = download_rows(len(r.proxy_x), sub["teacher_count"], sub["teacher_seed"])
-        x = r.proxy_x[torch.from_numpy(rows)]
-        probs = soft_labels(self.teacher, x, self.temperature, device=self.device)
+        if self.consensus is not None:
+            rows = download_rows(len(self.consensus), sub["teacher_count"], sub["teacher_seed"])
+            probs = self.consensus[torch.from_numpy(rows)]
+        else:
+            rows = download_rows(len(r.proxy_x), sub["teacher_count"], sub["teacher_seed"])
+            x = r.proxy_x[torch.from_numpy(rows)]
+            probs = soft_labels(self.teacher, x, self.temperature, device=self.device)
         return {TEACHER: encode(probs, self.download_codec, SOFT_LABELS, kind="probs")}
 
     def check_payload(self, r: Round, content: RecordDict) -> ArrayRecord:
@@ -177,10 +196,12 @@ class SoftLabelStrategy(Strategy):
         if privacy.client_level:  # the noisy mean of clipped logits, then post-processing
             logits, weights = privacy.noisy_mean(logits, r.number).unsqueeze(0), None
         target = self.aggregate_knowledge(logits, weights)
+        rows, _ = self.data.proxy_items(r.segments)
+        # a diagnostic only the simulator can give: the proxy set's held-back labels
+        hits = target.argmax(1).cpu().numpy() == self.data.proxy_y[rows]
         if self.memory is None:
             loss = self.distill_server_model(self.teacher, target, r, self.optimizer)
         else:
-            rows, _ = self.data.proxy_items(r.segments)
             self.memory[torch.from_numpy(rows)] = target.float().cpu()
             known = torch.nonzero(~self.memory[:, 0].isnan()).squeeze(1)
             x = self.data.proxy_x[known]
@@ -188,7 +209,14 @@ class SoftLabelStrategy(Strategy):
                 self.teacher, self.memory[known], r, self.optimizer, x=x
             )
         self.teacher_ready = True
-        stats = {"teacher_loss": loss, "target_entropy": float(entropy(target))}
+        if self.p.broadcast == "consensus":
+            self.consensus = target.float().cpu()
+            self.consensus_items = [[s.task, s.seed, s.count] for s in r.segments]
+        stats = {
+            "teacher_loss": loss,
+            "target_entropy": float(entropy(target)),
+            "target_accuracy": float(hits.mean()),
+        }
         return encode(target, "float32", SOFT_LABELS, kind="probs"), stats
 
     def state_dict(self) -> dict[str, Any]:
@@ -197,6 +225,8 @@ class SoftLabelStrategy(Strategy):
             "optimizer": self.optimizer.state_dict(),
             "teacher_ready": self.teacher_ready,
             "memory": self.memory,
+            "consensus": self.consensus,
+            "consensus_items": self.consensus_items,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -204,3 +234,5 @@ class SoftLabelStrategy(Strategy):
         self.optimizer.load_state_dict(state["optimizer"])
         self.teacher_ready = bool(state["teacher_ready"])
         self.memory = state.get("memory")
+        self.consensus = state.get("consensus")
+        self.consensus_items = state.get("consensus_items", [])

@@ -53,7 +53,7 @@ class DatasetConfig:
 @dataclass
 class PartitionConfig:
     name: str = "dirichlet"
-    alpha: float = 0.5  # dirichlet
+    alpha: float = 0.5  # dirichlet, inner_dirichlet
     min_size: int = 10  # dirichlet: re-draw until every client has this many samples
     classes_per_client: int = 2  # pathological
     shards_per_client: int = 2  # shards

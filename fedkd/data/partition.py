@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
 # partition.name -> a builder of a flwr-datasets partitioner from
-# (the `partition` config section, num_clients, seed)
-PARTITIONERS: Registry[Callable[[dict, int, int], Partitioner]] = Registry(
+# (the `partition` config section, num_clients, seed, number of samples to split)
+PARTITIONERS: Registry[Callable[[dict, int, int, int], Partitioner]] = Registry(
     "partitioner", "partition.name"
 )
 
@@ -32,14 +32,14 @@ def list_partitioners() -> list[str]:
 
 
 @PARTITIONERS.register("iid")
-def iid(cfg: dict, num_clients: int, seed: int) -> Partitioner:
+def iid(cfg: dict, num_clients: int, seed: int, num_samples: int) -> Partitioner:
     from flwr_datasets.partitioner import IidPartitioner
 
     return IidPartitioner(num_clients)  # contiguous blocks: partition_labels shuffles first
 
 
 @PARTITIONERS.register("dirichlet")
-def dirichlet(cfg: dict, num_clients: int, seed: int) -> Partitioner:
+def dirichlet(cfg: dict, num_clients: int, seed: int, num_samples: int) -> Partitioner:
     from flwr_datasets.partitioner import DirichletPartitioner
 
     return DirichletPartitioner(
@@ -53,8 +53,21 @@ def dirichlet(cfg: dict, num_clients: int, seed: int) -> Partitioner:
     )
 
 
+@PARTITIONERS.register("inner_dirichlet")
+def inner_dirichlet(cfg: dict, num_clients: int, seed: int, num_samples: int) -> Partitioner:
+    """Equal-sized clients, each with its own class mix ~ Dir(alpha) (FedDyn's split,
+    FedLab's and BlazeFL's `client_inner_dirichlet`)."""
+    from flwr_datasets.partitioner import InnerDirichletPartitioner
+
+    base, extra = divmod(num_samples, num_clients)
+    sizes = [base + (i < extra) for i in range(num_clients)]
+    return InnerDirichletPartitioner(
+        sizes, partition_by="label", alpha=float(cfg["alpha"]), shuffle=True, seed=seed
+    )
+
+
 @PARTITIONERS.register("pathological")
-def pathological(cfg: dict, num_clients: int, seed: int) -> Partitioner:
+def pathological(cfg: dict, num_clients: int, seed: int, num_samples: int) -> Partitioner:
     from flwr_datasets.partitioner import PathologicalPartitioner
 
     return PathologicalPartitioner(
@@ -68,7 +81,7 @@ def pathological(cfg: dict, num_clients: int, seed: int) -> Partitioner:
 
 
 @PARTITIONERS.register("shards")
-def shards(cfg: dict, num_clients: int, seed: int) -> Partitioner:
+def shards(cfg: dict, num_clients: int, seed: int, num_samples: int) -> Partitioner:
     from flwr_datasets.partitioner import ShardPartitioner
 
     return ShardPartitioner(
@@ -105,7 +118,7 @@ def partition_labels(
         order = numpy_rng(*keys, "iid-shuffle").permutation(len(labels))
     table = datasets.Dataset.from_dict({"label": labels[order], "idx": order})
     build = PARTITIONERS.get(cfg["name"])  # validate() rejects an unknown name earlier
-    part = build(cfg, num_clients, derive_seed(*keys, "partition") % (2**32))
+    part = build(cfg, num_clients, derive_seed(*keys, "partition") % (2**32), len(labels))
     part.dataset = table
     try:
         with warnings.catch_warnings():

@@ -59,6 +59,41 @@ def cnn(num_classes: int, input_shape: tuple[int, int, int], width: int = 32) ->
     return ConvNet(num_classes, input_shape, (width, 2 * width), hidden=128)
 
 
+class LeNet5(nn.Module):
+    """Two 5x5 conv-relu-pool blocks (6 and 16 maps, no padding) and a 120-84 head:
+    the PyTorch tutorial's CNN that BlazeFL's DS-FL example trains."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int]):
+        super().__init__()
+        c, h, w = input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 6, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        side = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * side[0] * side[1], 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@MODELS.register()
+def lenet5(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    """44,426 parameters on 28x28x1: the reference CNN of `experiment=blazefl_dsfl`."""
+    return LeNet5(num_classes, input_shape)
+
+
 @MODELS.register()
 def mlp(num_classes: int, input_shape: tuple[int, int, int], hidden: int = 128) -> nn.Module:
     """Two hidden layers on the flattened image."""
