@@ -97,6 +97,48 @@ def test_teacher_soft_labels_change_training(plain_cfg):
     assert kd.astype(np.float32).std(1).mean() < plain.astype(np.float32).std(1).mean()
 
 
+def test_sequential_schedule_digests_the_teacher_then_trains(plain_cfg):
+    """sequential: kd_epochs of plain SGD toward the teacher on the proxy, then local
+    CE epochs without it; pinned against the two phases run by hand."""
+    from fedkd.local_round import new_student
+    from fedkd.seeding import torch_generator
+    from fedkd.training import distill_to_targets, train_student
+
+    cfg = plain_cfg()
+    app, rt = build_client_app(cfg), client_runtime(cfg)
+    n, c = cfg["proxy"]["size"], rt.data.num_classes
+    probs = torch.softmax(torch.randn(n, c, generator=torch.Generator().manual_seed(0)), 1)
+    teacher = {TEACHER: encode(probs, "float16", SOFT_LABELS)}
+    hp = LocalTraining(
+        epochs=1, batch_size=32, lr=0.05, temperature=1.0, schedule="sequential", kd_epochs=2
+    )
+    p = replace(plan(cfg), training=hp)
+    got = call(app, cfg, 1, p, teacher).content.array_records[KNOWLEDGE][LOGITS].numpy()
+
+    student = new_student(cfg, rt.data, 1)
+    gen = torch_generator(cfg["seed"], 1, 1, "local-train")
+    x_kd = rt.data.proxy_inputs(list(p.proxy))
+    received = probs.half().float()  # as decoded from float16
+    opt = torch.optim.SGD(student.parameters(), lr=hp.kd_lr)
+    distill_to_targets(
+        student,
+        x_kd,
+        received,
+        temperature=1.0,
+        epochs=2,
+        lr=hp.kd_lr,
+        batch_size=hp.kd_batch_size,
+        generator=gen,
+        optimizer=opt,
+    )
+    x, y = rt.data.client_data(1, 0)
+    train_student(student, x, y, hp, gen)
+    from fedkd.training import predict_logits
+
+    expected = predict_logits(student, x_kd).half().numpy()
+    assert np.allclose(got.astype(np.float32), expected.astype(np.float32), atol=1e-2)
+
+
 def test_teacher_of_the_wrong_shape_is_refused(plain_cfg):
     cfg = plain_cfg()
     app = build_client_app(cfg)

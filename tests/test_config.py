@@ -63,6 +63,12 @@ def test_the_promised_groups_and_keys_exist():
         ("strategy.era_temperature=0", "strategy.era_temperature"),
         ("+strategy.bogus=1", "strategy.bogus"),
         ("strategy=fedavg model=hetero", "model.students"),
+        ("distill.server_optimizer=lbfgs", "distill.server_optimizer"),
+        ("distill.client_schedule=interleaved", "distill.client_schedule"),
+        ("distill.server_temperature=0", "distill.server_temperature"),
+        ("distill.server_momentum=1", "distill.server_momentum"),
+        ("distill.client_lr=0", "distill.client_lr"),
+        ("strategy.broadcast=weights", "strategy.broadcast"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, key):

@@ -100,6 +100,7 @@ LABELS = np.random.default_rng(0).integers(0, 10, 3000)
     [
         {"name": "iid"},
         {"name": "dirichlet", "alpha": 0.5, "min_size": 10},
+        {"name": "inner_dirichlet", "alpha": 0.5},
         {"name": "pathological", "classes_per_client": 2},
         {"name": "shards", "shards_per_client": 2},
     ],
@@ -129,6 +130,15 @@ def test_dirichlet_alpha_controls_skew():
 
     assert classes_per_client(0.1) < classes_per_client(100.0)
     assert classes_per_client(100.0) == 10
+
+
+def test_inner_dirichlet_gives_equal_clients_with_their_own_class_mix():
+    parts = partition_labels(LABELS, {"name": "inner_dirichlet", "alpha": 0.5}, 7, 0)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(LABELS)
+    mixes = np.array([np.bincount(LABELS[p], minlength=10) / len(p) for p in parts])
+    assert mixes.max(1).min() > 0.2  # Dir(0.5): every client leans on a few classes
+    assert len(set(mixes.argmax(1).tolist())) > 1  # ... not all on the same one
 
 
 def test_pathological_gives_k_classes():

@@ -12,6 +12,10 @@ def test_registry_lists_the_zoo():
 @pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 12, 12)])
 def test_every_model_runs_on_every_input_shape(name, shape):
+    if name == "lenet5" and shape[1] < 16:  # two unpadded 5x5 convs and pools
+        with pytest.raises(ConfigError, match="at least 16x16"):
+            create_model(name, num_classes=7, input_shape=shape)
+        return
     model = create_model(name, num_classes=7, input_shape=shape)
     assert model(torch.zeros(2, *shape)).shape == (2, 7)
 
@@ -41,6 +45,13 @@ def test_default_student_is_about_100k_parameters_and_teacher_larger():
     teacher = create_model("cnn", num_classes=10, input_shape=(1, 28, 28))
     assert 90_000 < count_parameters(student) < 120_000
     assert count_parameters(teacher) > 3 * count_parameters(student)
+
+
+def test_lenet5_is_the_reference_cnn():
+    # conv 1->6 (5x5), conv 6->16 (5x5), fc 256-120-84-10: 156 + 2,416 + 30,840 + 10,164 + 850
+    assert (
+        count_parameters(create_model("lenet5", num_classes=10, input_shape=(1, 28, 28))) == 44_426
+    )
 
 
 def test_width_kwarg_and_unknown_name():

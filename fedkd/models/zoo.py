@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedkd.errors import ConfigError
 from fedkd.models import MODELS
 
 
@@ -66,6 +67,8 @@ class LeNet5(nn.Module):
     def __init__(self, num_classes: int, input_shape: tuple[int, int, int]):
         super().__init__()
         c, h, w = input_shape
+        if min(h, w) < 16:
+            raise ConfigError("model", "lenet5", f"inputs of at least 16x16, not {h}x{w}")
         self.features = nn.Sequential(
             nn.Conv2d(c, 6, 5),
             nn.ReLU(),
