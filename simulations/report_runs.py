@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,9 @@ class Run:
     summary: dict[str, Any]
     config: dict[str, Any]
     label_keys: tuple[str, ...] = ()  # compared settings that name the row
+    # the config `strategy=<its strategy> mitigation=<its mitigation>` composes to:
+    # what its strategy's and mitigation's configs set, beside their own params
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def group(self) -> str:
@@ -145,6 +148,7 @@ def fill_new_settings(runs: list[Run]) -> None:
             except FedKDError:  # a strategy that no longer exists: leave the run as it is
                 defaults[key] = {}
         _fill_missing(run.config, defaults[key])
+        run.defaults = defaults[key]
 
 
 def _fill_missing(config: dict[str, Any], default: dict[str, Any]) -> None:
@@ -167,11 +171,20 @@ def check_same_setting(runs: list[Run], vary: tuple[str, ...] = ()) -> None:
     def setting(run: Run) -> dict[str, Any]:
         return {k: v for k, v in _flatten(run.config).items() if not _matches(k, allowed)}
 
+    def own_default(run: Run, key: str, value: Any) -> bool:
+        """The run has the value its strategy's config sets (e.g. conf/strategy/dsfl.yaml
+        sets DS-FL's server step): it differs with the strategy, like its params."""
+        default = _flatten(run.defaults)
+        return key in default and default[key] == value
+
     ref = setting(runs[0])
     for run in runs[1:]:
         other = setting(run)
         for key in sorted(set(ref) | set(other)):
-            if ref.get(key) != other.get(key):
+            mine, theirs = ref.get(key), other.get(key)
+            if mine != theirs and not (
+                own_default(runs[0], key, mine) and own_default(run, key, theirs)
+            ):
                 raise ReportError(
                     f"runs of different settings are mixed: {key} is {ref.get(key)!r} in "
                     f"{runs[0].path} but {other.get(key)!r} in {run.path} "

@@ -52,6 +52,16 @@ def test_mean_and_std_over_seeds(tmp_path):
     assert (tmp_path / "out" / "table.csv").read_text().splitlines()[0].startswith("group,seeds")
 
 
+def test_a_strategy_configs_own_settings_compare_but_an_override_does_not(tmp_path):
+    # conf/strategy/dsfl.yaml sets DS-FL's server step; fedavg keeps the global one
+    make_run(tmp_path, "a", "dsfl", 0, 0.8)
+    make_run(tmp_path, "b", "fedavg", 0, 0.9)
+    assert "| dsfl |" in report([str(tmp_path)], None)
+    make_run(tmp_path, "c", "dsfl", 1, 0.8, distill={"server_lr": 0.05})
+    with pytest.raises(ReportError, match="distill.server_lr"):
+        report([str(tmp_path)], None)
+
+
 def test_mixed_settings_are_refused(tmp_path):
     make_run(tmp_path, "a", "dsfl", 0, 0.8)
     make_run(tmp_path, "b", "dsfl", 1, 0.8, rounds=5)
