@@ -38,7 +38,7 @@ def table(reference: list[dict[int, float]], fedkd: list[dict[int, float]], ever
         "| fedkd - BlazeFL (points) |",
         "|---|---|---|---|",
     ]
-    for rnd in [1, *range(every, last + 1, every)]:
+    for rnd in sorted({1, *range(every, last + 1, every)}):
         ref = [c[rnd] for c in reference if rnd in c]
         ours = [c[rnd] for c in fedkd if rnd in c]
         gap = "-"
