@@ -182,6 +182,9 @@ def test_central_takes_one_sgd_step_on_the_pooled_data(plain_cfg):
 
 def test_server_temperature_is_the_distillation_temperature_unless_set(plain_cfg):
     fedmd = server_state(plain_cfg, "strategy=fedmd").strategy.cfg.distill
-    assert fedmd.server_temperature is None and fedmd.server_tau == fedmd.temperature
+    assert fedmd.server_temperature is None and fedmd.server_tau == fedmd.temperature == 3.0
+    set_apart = "distill.server_temperature=2"
+    fedmd = server_state(plain_cfg, "strategy=fedmd", set_apart).strategy.cfg.distill
+    assert fedmd.server_tau == 2.0 and fedmd.temperature == 3.0
     dsfl = server_state(plain_cfg, "strategy=dsfl").strategy.cfg.distill  # its config sets 1
-    assert dsfl.server_tau == 1.0 and dsfl.temperature == 3.0
+    assert dsfl.server_temperature == 1.0 and dsfl.server_tau == 1.0
