@@ -58,7 +58,7 @@ def test_a_strategy_configs_own_settings_compare_but_an_override_does_not(tmp_pa
     make_run(tmp_path, "b", "fedavg", 0, 0.9)
     assert "| dsfl |" in report([str(tmp_path)], None)
     make_run(tmp_path, "c", "dsfl", 1, 0.8, distill={"server_lr": 0.05})
-    with pytest.raises(ReportError, match="distill.server_lr"):
+    with pytest.raises(ReportError, match=r"distill\.server_lr"):
         report([str(tmp_path)], None)
 
 
