@@ -49,7 +49,7 @@ from fedkd.protocol import (
 )
 from fedkd.resources import client_device, in_ray_worker
 from fedkd.seeding import torch_generator
-from fedkd.training import accuracy, distill_to_targets, predict_logits, train_student
+from fedkd.training import accuracy, predict_logits, train_student
 
 
 @dataclass
@@ -130,7 +130,8 @@ def train_round(runtime: ClientRuntime, ctx: ClientRound) -> tuple[float, dict[s
     if loss is not None:
         return loss, {}
     if ctx.training.schedule == "sequential" and ctx.teacher_probs is not None:
-        digest(ctx)  # KD on the proxy first; local training below has no teacher
+        hp = ctx.training  # FedMD's "digest": KD epochs on the proxy, then CE below
+        ctx.distill_on_proxy(hp.kd_epochs, hp.kd_lr, hp.kd_batch_size)
         ctx = replace(ctx, teacher_probs=None)
     extras = runtime.mitigation.client_extras(ctx)
     if runtime.cfg.privacy.mode == "sample":
@@ -150,25 +151,6 @@ def train_round(runtime: ClientRuntime, ctx: ClientRound) -> tuple[float, dict[s
         )
     ctx.state["task"] = ctx.plan.task
     return loss, extras.info
-
-
-def digest(ctx: ClientRound) -> float:
-    """The sequential schedule's first phase (FedMD's "digest", DS-FL's distillation):
-    `kd_epochs` of plain SGD toward the server's labels on the proxy items."""
-    hp = ctx.training
-    opt = torch.optim.SGD(ctx.student.parameters(), lr=hp.kd_lr)
-    return distill_to_targets(
-        ctx.student,
-        ctx.kd_x,
-        ctx.teacher_probs,
-        temperature=hp.temperature,
-        epochs=hp.kd_epochs,
-        lr=hp.kd_lr,
-        batch_size=hp.kd_batch_size,
-        generator=ctx.generator,
-        device=ctx.device,
-        optimizer=opt,
-    )
 
 
 def client_reply(plain: dict[str, Any], pid: int, download: RecordDict) -> RecordDict:

@@ -12,14 +12,16 @@ import json
 import statistics
 from pathlib import Path
 
+from fedkd.errors import FedKDError
+from fedkd.results.recorder import read_metrics
+
 
 def reference_curve(path: Path) -> dict[int, float]:
     return {r["round"]: r["server_acc"] for r in json.loads(path.read_text())["rounds"]}
 
 
 def fedkd_curve(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["round"]: r["teacher_accuracy"] for r in rows}
+    return {r["round"]: r["teacher_accuracy"] for r in read_metrics(run)}
 
 
 def cell(values: list[float]) -> str:
@@ -57,7 +59,7 @@ def main() -> None:
     try:
         reference = [reference_curve(p) for p in args.reference]
         fedkd = [fedkd_curve(p) for p in args.fedkd]
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # exits 2, no traceback
+    except (OSError, ValueError, KeyError, TypeError, FedKDError) as exc:  # exits 2, no traceback
         ap.error(f"cannot read the runs: {type(exc).__name__}: {exc}")
     print(table(reference, fedkd, args.every))
 

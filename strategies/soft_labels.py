@@ -167,13 +167,12 @@ class SoftLabelStrategy(Strategy):
         if not self.teacher_ready:
             return {}
         sub = self.download_plan(r.number)
-        if self.consensus is not None:
-            rows = download_rows(len(self.consensus), sub["teacher_count"], sub["teacher_seed"])
-            probs = self.consensus[torch.from_numpy(rows)]
+        n = len(r.proxy_x if self.consensus is None else self.consensus)
+        rows = torch.from_numpy(download_rows(n, sub["teacher_count"], sub["teacher_seed"]))
+        if self.consensus is not None:  # the last aggregate, on the items it was made on
+            probs = self.consensus[rows]
         else:
-            rows = download_rows(len(r.proxy_x), sub["teacher_count"], sub["teacher_seed"])
-            x = r.proxy_x[torch.from_numpy(rows)]
-            probs = soft_labels(self.teacher, x, self.temperature, device=self.device)
+            probs = soft_labels(self.teacher, r.proxy_x[rows], self.temperature, device=self.device)
         return {TEACHER: encode(probs, self.download_codec, SOFT_LABELS, kind="probs")}
 
     def check_payload(self, r: Round, content: RecordDict) -> ArrayRecord:

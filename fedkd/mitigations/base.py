@@ -22,7 +22,7 @@ from torch import nn
 
 from fedkd.protocol import ProxySegment, RoundPlan
 from fedkd.registry import Registry
-from fedkd.training import LocalTraining
+from fedkd.training import LocalTraining, distill_to_targets
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
@@ -66,6 +66,25 @@ class ClientRound:
     @property
     def training(self) -> LocalTraining:
         return self.plan.training
+
+    def distill_on_proxy(
+        self, epochs: int, lr: float, batch_size: int, momentum: float = 0.0
+    ) -> float:
+        """KD only: SGD on the student toward the teacher's labels on the proxy items
+        (the sequential schedule's first phase, a reviewer's whole round)."""
+        opt = torch.optim.SGD(self.student.parameters(), lr=lr, momentum=momentum)
+        return distill_to_targets(
+            self.student,
+            self.kd_x,
+            self.teacher_probs,
+            temperature=self.training.temperature,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            generator=self.generator,
+            device=self.device,
+            optimizer=opt,
+        )
 
 
 @dataclass

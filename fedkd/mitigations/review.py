@@ -20,7 +20,6 @@ import copy
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-import torch
 from flwr.app import ArrayRecord
 
 from fedkd.comm.codecs import encode
@@ -28,7 +27,7 @@ from fedkd.config import require
 from fedkd.mitigations.base import MITIGATIONS, ClientRound, Mitigation, MitigationParams
 from fedkd.protocol import ROLE_REVIEW, SOFT_LABELS, TEACHER, ProxySegment, RoundPlan
 from fedkd.seeding import derive_seed, numpy_rng
-from fedkd.training import distill_to_targets, soft_labels
+from fedkd.training import soft_labels
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
@@ -121,16 +120,4 @@ class Review(Mitigation):
         if ctx.plan.role != ROLE_REVIEW or ctx.teacher_probs is None:
             return None
         hp = ctx.training
-        opt = torch.optim.SGD(ctx.student.parameters(), lr=hp.lr, momentum=hp.momentum)
-        return distill_to_targets(
-            ctx.student,
-            ctx.kd_x,
-            ctx.teacher_probs,
-            temperature=hp.temperature,
-            epochs=hp.epochs,
-            lr=hp.lr,
-            batch_size=hp.batch_size,
-            generator=ctx.generator,
-            device=ctx.device,
-            optimizer=opt,
-        )
+        return ctx.distill_on_proxy(hp.epochs, hp.lr, hp.batch_size, hp.momentum)
