@@ -146,6 +146,9 @@ def node_cfg(context: Context) -> dict[str, Any]:
     cfg["simulation"] = dict(cfg["simulation"])
     state = Path(node.state_dir).expanduser() / f"run-{context.run_id}"
     cfg["simulation"]["client_state_dir"] = str(state)
+    # the noise a device adds to protect its data is secret, whatever the server's
+    # config says: replayable noise is for simulation studies only
+    cfg["privacy"] = {**cfg["privacy"], "secure_noise": True}
     if node.data_path:
         cfg["node"] = {
             "partition-id": node.partition_id,

@@ -15,6 +15,7 @@ from fedkd.admission import sign_claim
 from fedkd.comm.codecs import recode
 from fedkd.config import typed
 from fedkd.local_round import client_reply, client_runtime
+from fedkd.privacy.release import shard_size
 from fedkd.privacy.upload import clip_upload_mod
 from fedkd.protocol import CONFIG, INFO, KNOWLEDGE, METRICS, REPLY_LOGITS, WEIGHTS, RoundPlan
 
@@ -47,7 +48,7 @@ def handle_query(plain: dict[str, Any], message: Message, context: Context) -> M
             f"node config num-partitions={parts} but the run has num_clients={num_clients}"
         )
     runtime = client_runtime(plain)
-    n = len(runtime.data.shards[pid])
+    n = shard_size(runtime.cfg.privacy.mode, len(runtime.data.shards[pid]))
     info: dict[str, Any] = {"proxy-digest": runtime.data.proxy_digest}
     info.update(signed_claim(message, context, pid))
     content = RecordDict(

@@ -33,6 +33,8 @@ from fedkd.mitigations import ClientRound, Mitigation, build_mitigation
 from fedkd.models import create_model
 from fedkd.privacy import gaussian_epsilon
 from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
+from fedkd.privacy.noise import DPNoise
+from fedkd.privacy.release import releasable
 from fedkd.protocol import (
     CONFIG,
     INFO,
@@ -194,6 +196,7 @@ def client_reply(plain: dict[str, Any], pid: int, download: RecordDict) -> Recor
     metrics.update(info)
     if cfg.privacy.mode == "sample":
         metrics["dp-epsilon"] = private_epsilon(cfg, state)
+        metrics["dp-secure-noise"] = int(cfg.privacy.secure_noise)
     task_acc = evaluate_tasks(student, data, runtime.device)
     metrics.update(
         {
@@ -205,7 +208,7 @@ def client_reply(plain: dict[str, Any], pid: int, download: RecordDict) -> Recor
     )
     if data.stream.lifelong:
         metrics["task-accuracy"] = task_acc
-    content = RecordDict({METRICS: MetricRecord(metrics)})
+    content = RecordDict()
     if plan.reply == REPLY_LOGITS:
         logits = predict_logits(student, proxy_x, device=runtime.device)
         content[KNOWLEDGE] = encode(logits, plan.codec, LOGITS, kind="logits")
@@ -213,7 +216,9 @@ def client_reply(plain: dict[str, Any], pid: int, download: RecordDict) -> Recor
         content[WEIGHTS] = ArrayRecord(student.cpu().state_dict())
     state["model"] = student.cpu().state_dict()
     runtime.store.save(pid, state, plan.round)
-    content[METRICS]["compute-seconds"] = time.perf_counter() - started
+    metrics["compute-seconds"] = time.perf_counter() - started
+    # under DP, only what the accountant covers leaves the client (fedkd/privacy/release.py)
+    content[METRICS] = MetricRecord(releasable(cfg.privacy.mode, metrics))
     content[INFO] = ConfigRecord(worker_info())
     return content
 
@@ -225,8 +230,18 @@ def train_private(
     to the client's accounting history, kept with its state as {sample rate: steps}."""
     pv, hp = runtime.cfg.privacy, ctx.training
     dp = DPSGD(pv.noise_multiplier, pv.max_grad_norm)
+    noise = DPNoise(None if pv.secure_noise else ctx.generator)  # secret unless asked not to be
     loss, steps = dp_train_student(
-        ctx.student, x, y, hp, dp, ctx.generator, ctx.kd_x, ctx.teacher_probs, device=runtime.device
+        ctx.student,
+        x,
+        y,
+        hp,
+        dp,
+        ctx.generator,
+        ctx.kd_x,
+        ctx.teacher_probs,
+        device=runtime.device,
+        noise=noise,
     )
     rate, _ = dp_steps_per_round(len(y), hp.batch_size, hp.epochs)
     history = ctx.state.setdefault("dp-history", {})

@@ -49,6 +49,7 @@ SCALARS: dict[str, tuple[float, float, bool]] = {
     "test-accuracy": (0.0, 1.0, False),
     "compute-seconds": (0.0, 1e9, False),
     "dp-epsilon": (0.0, math.inf, False),  # inf: DP-SGD with zero noise
+    "dp-secure-noise": (0, 1, True),  # 1: the client's DP noise came from its OS CSPRNG
 }
 TASK_LISTS = ("task-accuracy", "initial-task-accuracy")
 

@@ -195,4 +195,4 @@ def run_rounds(
         state.round = rnd
         if out_dir is not None and cfg.output.checkpoint:
             save_checkpoint(out_dir, state.state_dict())
-    return {**evaluation.final(), "ray_nodes": len(state.ray_nodes)}
+    return {**evaluation.final(), "ray_nodes": len(state.ray_nodes), **state.privacy.summary()}

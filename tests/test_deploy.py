@@ -173,6 +173,15 @@ def test_flwr_app_node_with_its_own_data_answers_the_handshake(cfg, bundle, tmp_
     assert flwr_app.node_cfg(context(node))["simulation"]["client_state_dir"].endswith("run-7")
 
 
+def test_a_device_adds_secret_dp_noise_whatever_the_server_asks():
+    """Replayable noise is for simulation studies: a SuperNode never lets the
+    server's config make the noise that protects its data predictable."""
+    replayable = f"{OVERRIDES} privacy=sample privacy.secure_noise=false"
+    assert flwr_app.run_cfg(replayable)["privacy"]["secure_noise"] is False
+    node_side = flwr_app.node_cfg(context({"partition-id": 1}, replayable))
+    assert node_side["privacy"]["secure_noise"] is True
+
+
 @pytest.mark.parametrize(
     "node_config, message",
     [

@@ -12,10 +12,12 @@ from fedkd.errors import ConfigError
 from fedkd.models import create_model
 from fedkd.privacy import gaussian_epsilon
 from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
+from fedkd.privacy.noise import DPNoise
 from fedkd.privacy.upload import clip_rows, noisy_mean
 from fedkd.results import read_metrics
 from fedkd.training import LocalTraining
 from tests.conftest import TINY
+from tests.test_client import context
 
 
 def test_epsilon_grows_with_steps_and_shrinks_with_noise():
@@ -47,7 +49,7 @@ def test_clip_rows_bounds_every_row_and_keeps_small_ones():
 
 
 def test_noisy_mean_is_calibrated_to_one_clients_upload():
-    gen = torch.Generator().manual_seed(0)
+    gen = DPNoise(torch.Generator().manual_seed(0))
     uploads = torch.randn(4, 400, 10) * 10
     exact = clip_rows(uploads, 2.0).mean(0)
     assert torch.allclose(noisy_mean(uploads, 2.0, 0.0, gen), exact)
@@ -115,3 +117,89 @@ def test_private_runs_report_their_budget_every_round(tmp_path, mode):
         assert eps == [gaussian_epsilon(1.2, [(1.0, r)], 1e-5) for r in (1, 2)]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epsilon"] == eps[-1] and summary["delta"] == 1e-5
+    # secret noise by default, and the summary says what clients withheld
+    assert summary["dp_noise"] == "os-csprng" and "train-loss" in summary["dp_withheld"]
+    if mode == "client":  # no student accuracy leaves a client under client-level DP
+        assert all(r["client_accuracy_mean"] is None for r in rows)
+
+
+def test_secret_noise_is_fresh_and_calibrated_seeded_noise_replays():
+    secure = DPNoise()
+    a, b = secure.normal((200_000,), 2.0), secure.normal((200_000,), 2.0)
+    assert secure.kind == "os-csprng" and not torch.equal(a, b)
+    assert a.mean().item() == pytest.approx(0.0, abs=0.02)
+    assert a.std().item() == pytest.approx(2.0, rel=0.01)
+    assert secure.bernoulli(200_000, 0.1).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    seeded = [DPNoise(torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert seeded[0].kind == "seeded"
+    assert torch.equal(seeded[0].normal((50,), 1.0), seeded[1].normal((50,), 1.0))
+    # the seeded stream is torch's own: studies replay the numbers of earlier runs
+    assert torch.equal(
+        DPNoise(torch.Generator().manual_seed(4)).normal((50,), 1.5),
+        1.5 * torch.randn(50, generator=torch.Generator().manual_seed(4)),
+    )
+
+
+@pytest.mark.parametrize("mode", ["sample", "client"])
+def test_dp_noise_is_secret_unless_a_study_asks_to_replay_it(tmp_path, mode):
+    """Same config, same seed: secret noise gives another teacher every time; seeded
+    noise gives the same one (and so could anyone who reads the config)."""
+    from tests.test_files import played
+
+    def teacher(secure: bool, run: int) -> dict[str, torch.Tensor]:
+        _, state, rows, _ = played(
+            tmp_path / f"{secure}{run}",
+            "strategy=fedmd",
+            f"privacy={mode}",
+            f"privacy.secure_noise={str(secure).lower()}",
+        )
+        assert rows[-1]["dp_noise"] == ("os-csprng" if secure else "seeded")
+        assert state.privacy.summary()["dp_noise"] == rows[-1]["dp_noise"]
+        return state.strategy.server_model.state_dict()
+
+    def same(a, b) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(teacher(False, 0), teacher(False, 1))
+    assert not same(teacher(True, 0), teacher(True, 1))
+
+
+@pytest.mark.parametrize("mode", ["none", "sample", "client"])
+def test_dp_replies_carry_no_unaccounted_private_metric(plain_cfg, mode):
+    """What a client sends under DP is what the accountant covers, and no more."""
+    from flwr.app import Message, RecordDict
+
+    from fedkd.client import handle_query
+    from fedkd.local_round import client_reply
+    from fedkd.privacy.release import RELEASABLE, withheld
+    from fedkd.protocol import METRICS
+    from fedkd.round_loop import prepare_round
+    from fedkd.server_state import build_server_state
+
+    plain = plain_cfg("strategy=fedmd", f"privacy={mode}", "lifelong=class_incremental",
+                      "lifelong.num_tasks=2", "lifelong.rounds_per_task=1")  # fmt: skip
+    state = build_server_state(plain, "cpu")
+    state.population = list(range(state.cfg.num_clients))
+    _, downloads = prepare_round(state, 1)
+    pid, download = downloads[0]
+    sent = dict(client_reply(plain, pid, download)[METRICS])
+    query = Message(RecordDict(), dst_node_id=10 + pid, message_type="query")
+    declared = handle_query(plain, query, context(pid)).content[METRICS]
+
+    shard, task_data = len(state.data.shards[pid]), len(state.data.client_data(pid, 0)[1])
+    if mode == "none":
+        assert {"train-loss", "test-accuracy", "compute-seconds", "task-accuracy"} <= set(sent)
+        assert (sent["num-examples"], declared["num-examples"]) == (task_data, shard)
+        assert withheld(mode) == []
+        return
+    assert set(sent) <= RELEASABLE[mode]
+    assert not {"train-loss", "compute-seconds"} & set(sent)
+    if mode == "sample":  # the student is DP-trained: its test accuracy is post-processing
+        assert (sent["num-examples"], declared["num-examples"]) == (task_data, shard)
+        assert sent["dp-secure-noise"] == 1
+        assert "test-accuracy" in sent and "dp-epsilon" in sent
+    else:  # client level: nothing about the shard but the noised upload
+        assert sent["num-examples"] == declared["num-examples"] == 1
+        assert not {"test-accuracy", "task-accuracy"} & set(sent)
+        assert "num-examples (sent as 1)" in withheld(mode)
+    assert "train-loss" in withheld(mode)

@@ -105,6 +105,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # sample: per-example gradient clip
     clip_norm: float = 5.0  # client: L2 bound on each row of a client's logits
     delta: float = 1e-5
+    # DP noise from the OS CSPRNG (fedkd/privacy/noise.py); false: seeded, so a study
+    # can replay it (and so can anyone who reads the config: no privacy against them)
+    secure_noise: bool = True
 
     def check(self) -> None:
         from fedkd.privacy import MODES

@@ -6,6 +6,9 @@ step's batch size varies), takes one Opacus DP-SGD step on its cross-entropy
 the server sent soft labels, one ordinary SGD step of KD on a batch of the public
 proxy set. Only the DP steps touch private data; the KD steps see public data and
 the current model, so they are post-processing. Steps per epoch: round(1 / q).
+
+The Gaussian noise and the Poisson sample come from `DPNoise` (fedkd/privacy/noise.py):
+the OS CSPRNG unless the run asked for replayable noise.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedkd.distill import distillation_loss
+from fedkd.privacy.noise import DPNoise
 
 
 @dataclass(frozen=True)
@@ -42,17 +46,21 @@ def dp_train_student(
     proxy_x: torch.Tensor | None = None,
     teacher_probs: torch.Tensor | None = None,
     device: str = "cpu",
+    noise: DPNoise | None = None,
 ) -> tuple[float, int]:
-    """Train `model` in place; returns (mean private loss, DP steps taken)."""
+    """Train `model` in place; returns (mean private loss, DP steps taken).
+
+    `generator` orders the public proxy batches; `noise` draws the DP noise and the
+    Poisson sample (None: the seeded `generator`, replayable)."""
+    noise = noise or DPNoise(generator)
     with warnings.catch_warnings():
         # Opacus' hooks fire on the first layer, whose input needs no gradient: harmless
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device)
+        return _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device, noise)
 
 
-def _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device):
+def _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device, noise):
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
 
     model.to(device).train()
     for m in model.modules():  # Opacus' backward hooks cannot see through in-place ops
@@ -60,12 +68,11 @@ def _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device):
             m.inplace = False
     gsm = GradSampleModule(model)
     q, steps = dp_steps_per_round(len(y), hp.batch_size, hp.epochs)
-    private_opt = DPOptimizer(
+    private_opt = _dp_optimizer(
         torch.optim.SGD(gsm.parameters(), lr=hp.lr, momentum=hp.momentum),
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=max(1, round(q * len(y))),
-        generator=generator,
+        dp,
+        max(1, round(q * len(y))),
+        noise,
     )
     use_kd = teacher_probs is not None and proxy_x is not None and len(proxy_x) > 0
     public_opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum)
@@ -73,7 +80,7 @@ def _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device):
     porder = torch.randperm(len(proxy_x), generator=generator) if use_kd else None
     total, count = 0.0, 0
     for s in range(steps):
-        mask = torch.rand(len(y), generator=generator) < q  # Poisson sampling
+        mask = noise.bernoulli(len(y), q)  # Poisson sampling
         idx = mask.nonzero().flatten()
         private_opt.zero_grad(set_to_none=True)
         out = gsm(x[idx].to(device))
@@ -103,3 +110,36 @@ def _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device):
                 delattr(p, attr)
     gsm._close()
     return total / max(count, 1), steps
+
+
+def _dp_optimizer(optimizer, dp: DPSGD, expected_batch_size: int, noise: DPNoise):
+    """Opacus' DPOptimizer, its Gaussian noise drawn from `noise`."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    if not noise.secure:  # the seeded stream, as Opacus itself draws it
+        return DPOptimizer(
+            optimizer,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            generator=noise.generator,
+        )
+
+    class SecretNoiseDPOptimizer(DPOptimizer):
+        def add_noise(self) -> None:
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:  # as DPOptimizer.add_noise, with our noise source
+                _check_processed_flag(p.summed_grad)
+                summed = p.summed_grad
+                if std > 0:
+                    summed = summed + noise.normal(summed.shape, std).to(summed.device)
+                p.grad = summed.view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return SecretNoiseDPOptimizer(
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=expected_batch_size,
+    )

@@ -17,6 +17,7 @@ import torch
 from flwr.app import Context, Message
 
 from fedkd.comm.codecs import recode
+from fedkd.privacy.noise import DPNoise
 from fedkd.protocol import CONFIG, KNOWLEDGE, REPLY_LOGITS, RoundPlan
 
 
@@ -27,14 +28,14 @@ def clip_rows(values: torch.Tensor, clip_norm: float) -> torch.Tensor:
 
 
 def noisy_mean(
-    uploads: torch.Tensor, clip_norm: float, noise_multiplier: float, generator: torch.Generator
+    uploads: torch.Tensor, clip_norm: float, noise_multiplier: float, noise: DPNoise
 ) -> torch.Tensor:
     """(K, n, C) uploads -> (n, C): the mean of their row-clipped values, with
     Gaussian noise calibrated to one client's L2 sensitivity on the sum."""
     k, n, _ = uploads.shape
     total = clip_rows(uploads, clip_norm).sum(0)
     std = noise_multiplier * clip_norm * math.sqrt(n)
-    return (total + std * torch.randn(total.shape, generator=generator)) / k
+    return (total + noise.normal(total.shape, std)) / k
 
 
 def clip_upload_mod(clip_norm: float, num_classes: Callable[[], int]) -> Callable:
