@@ -30,7 +30,7 @@ from fedkd.config import FedKDConfig, typed
 from fedkd.data.device import device_federated_data
 from fedkd.data.federated import FederatedData, federated_data
 from fedkd.mitigations import ClientRound, Mitigation, build_mitigation
-from fedkd.models import create_model
+from fedkd.models import create_model, with_activation
 from fedkd.privacy import gaussian_epsilon
 from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
 from fedkd.privacy.noise import DPNoise
@@ -92,13 +92,14 @@ def client_runtime(plain: dict[str, Any]) -> ClientRuntime:
 
 def new_student(cfg: FedKDConfig | dict, data: FederatedData, partition_id: int) -> nn.Module:
     cfg = cfg if isinstance(cfg, FedKDConfig) else typed(cfg)
-    return create_model(
+    model = create_model(
         cfg.model.student_of(partition_id),
         num_classes=data.num_classes,
         input_shape=data.input_shape,
         seed=(cfg.seed, partition_id, "student-init"),
         **cfg.model.student_kwargs,
     )
+    return with_activation(model, cfg.privacy.activation)
 
 
 def evaluate_tasks(model: nn.Module, data: FederatedData, device: str) -> list[float]:
@@ -229,7 +230,7 @@ def train_private(
     """DP-SGD on the private data (privacy.mode=sample); the DP steps taken are added
     to the client's accounting history, kept with its state as {sample rate: steps}."""
     pv, hp = runtime.cfg.privacy, ctx.training
-    dp = DPSGD(pv.noise_multiplier, pv.max_grad_norm)
+    dp = DPSGD.from_config(pv, hp)
     noise = DPNoise(None if pv.secure_noise else ctx.generator)  # secret unless asked not to be
     loss, steps = dp_train_student(
         ctx.student,
@@ -243,7 +244,7 @@ def train_private(
         device=runtime.device,
         noise=noise,
     )
-    rate, _ = dp_steps_per_round(len(y), hp.batch_size, hp.epochs)
+    rate, _ = dp_steps_per_round(len(y), dp.batch_size, dp.epochs)
     history = ctx.state.setdefault("dp-history", {})
     key = repr(float(rate))
     history[key] = history.get(key, 0) + steps

@@ -116,6 +116,13 @@ class NodePolicy:
         if self.max_batch_size is not None and batch > self.max_batch_size:
             out.append(f"batch_size={batch} exceeds max-batch-size={self.max_batch_size}")
         pv = cfg.privacy
+        if pv.mode == "sample":  # DP-SGD's own settings, where set, are the work done
+            for key, value, cap, limit in (
+                ("epochs", pv.epochs, self.max_epochs, "max-epochs"),
+                ("batch_size", pv.batch_size, self.max_batch_size, "max-batch-size"),
+            ):
+                if value is not None and cap is not None and value > cap:
+                    out.append(f"privacy.{key}={value} exceeds {limit}={cap}")
         if PRIVACY_ORDER[pv.mode] < PRIVACY_ORDER[self.min_privacy]:
             out.append(f"privacy.mode={pv.mode!r} is below min-privacy={self.min_privacy}")
         floor = self.min_noise_multiplier

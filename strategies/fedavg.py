@@ -16,7 +16,7 @@ from torch import nn
 
 from fedkd.config import require
 from fedkd.errors import ConfigError
-from fedkd.models import create_model
+from fedkd.models import create_model, with_activation
 from fedkd.protocol import REPLY_WEIGHTS, WEIGHTS, ClientReply, InvalidReply, check_array
 from fedkd.round import Round
 from fedkd.training import soft_labels
@@ -99,13 +99,14 @@ class FedAvg(Strategy):
     def setup(self, ctx: ServerContext) -> None:
         super().setup(ctx)
         m = self.cfg.model
-        self.model: nn.Module = create_model(
+        model = create_model(
             m.student_of(0),
             num_classes=self.data.num_classes,
             input_shape=self.data.input_shape,
             seed=(self.seed, "global-init"),
             **m.student_kwargs,
-        ).to(self.device)
+        )
+        self.model: nn.Module = with_activation(model, self.cfg.privacy.activation).to(self.device)
 
     def broadcast(self, r: Round) -> dict[str, ArrayRecord]:
         return {WEIGHTS: ArrayRecord(cpu_state(self.model))}

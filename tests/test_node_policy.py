@@ -28,9 +28,11 @@ def plan(reply=REPLY_LOGITS, epochs=1, batch_size=32) -> RoundPlan:
     )
 
 
-def run(strategy="dsfl", mode="none", noise=1.0):
+def run(strategy="dsfl", mode="none", noise=1.0, dp_epochs=None, dp_batch_size=None):
     """The parts of a run's config a policy reads."""
-    privacy = SimpleNamespace(mode=mode, noise_multiplier=noise)
+    privacy = SimpleNamespace(
+        mode=mode, noise_multiplier=noise, epochs=dp_epochs, batch_size=dp_batch_size
+    )
     return SimpleNamespace(strategy={"name": strategy}, plugins=[], privacy=privacy)
 
 
@@ -102,6 +104,14 @@ def test_epochs_and_batch_size_beyond_the_nodes_limits_are_refused():
     assert "epochs=5 exceeds max-epochs=2" in refusal(policy, plan(epochs=5), run())
     message = refusal(policy, plan(epochs=3, batch_size=64), run())
     assert "epochs=3 exceeds max-epochs=2; batch_size=64 exceeds max-batch-size=32" in message
+
+
+def test_dp_sgds_own_epochs_and_batch_size_are_held_to_the_same_limits():
+    policy = NodePolicy.parse({"max-epochs": 2, "max-batch-size": 256})
+    policy.check(plan(), run(mode="sample", dp_epochs=2, dp_batch_size=256))
+    message = refusal(policy, plan(), run(mode="sample", dp_epochs=4, dp_batch_size=512))
+    assert "privacy.epochs=4 exceeds max-epochs=2" in message
+    assert "privacy.batch_size=512 exceeds max-batch-size=256" in message
 
 
 def test_privacy_below_the_nodes_floor_is_refused():

@@ -70,7 +70,8 @@ def test_dp_sgd_is_seeded_and_counts_its_steps():
         model = create_model("cnn_small", num_classes=4, input_shape=(1, 12, 12), seed=(0,))
         before = {k: v.clone() for k, v in model.state_dict().items()}
         gen = torch.Generator().manual_seed(1)
-        results.append(dp_train_student(model, x, y, hp, DPSGD(1.0, 1.0), gen, px, tp))
+        dp = DPSGD(1.0, 1.0, batch_size=20, epochs=2, lr=0.05)
+        results.append(dp_train_student(model, x, y, hp, dp, gen, px, tp))
         states.append(model.state_dict())
     assert results[0] == results[1]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -88,6 +89,11 @@ def test_dp_sgd_is_seeded_and_counts_its_steps():
         (["privacy=client", "strategy=fedavg"], "privacy.mode"),
         (["privacy=sample", "strategy=central"], "privacy.mode"),
         (["privacy=client", "strategy.aggregator=median"], "strategy.aggregator"),
+        (["privacy=sample", "privacy.optimizer=rmsprop"], "privacy.optimizer"),
+        (["privacy=sample", "privacy.batch_size=0"], "privacy.batch_size"),
+        (["privacy=sample", "privacy.lr=0"], "privacy.lr"),
+        (["privacy=sample", "privacy.momentum=1.0"], "privacy.momentum"),
+        (["privacy=sample", "privacy.activation=sigmoid"], "privacy.activation"),
         (
             ["privacy=sample", "lifelong=class_incremental", "lifelong.num_tasks=2",
              "lifelong.rounds_per_task=1", "mitigation=replay"],
@@ -203,3 +209,44 @@ def test_dp_replies_carry_no_unaccounted_private_metric(plain_cfg, mode):
         assert not {"test-accuracy", "task-accuracy"} & set(sent)
         assert "num-examples (sent as 1)" in withheld(mode)
     assert "train-loss" in withheld(mode)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_dp_sgd_has_its_own_settings_and_is_accounted_by_them(plain_cfg, optimizer):
+    """privacy.batch_size/epochs/lr/optimizer drive the private steps, and the
+    epsilon a client reports is the accountant's for exactly those steps."""
+    from fedkd.local_round import client_reply, client_runtime
+    from fedkd.protocol import METRICS
+    from fedkd.round_loop import prepare_round
+    from fedkd.server_state import build_server_state
+
+    plain = plain_cfg(
+        "strategy=fedmd", "privacy=sample", "privacy.batch_size=64", "privacy.epochs=3",
+        "privacy.lr=0.5", f"privacy.optimizer={optimizer}", "privacy.activation=tanh",
+    )  # fmt: skip
+    state = build_server_state(plain, "cpu")
+    state.population = list(range(state.cfg.num_clients))
+    _, downloads = prepare_round(state, 1)
+    pid, download = downloads[0]
+    sent = client_reply(plain, pid, download)[METRICS]
+    runtime = client_runtime(plain)
+    n = len(runtime.data.client_data(pid, 0)[1])
+    q, steps = dp_steps_per_round(n, 64, 3)
+    assert steps == 3 * round(n / 64) != dp_steps_per_round(n, 32, 1)[1]  # not train.*
+    saved = runtime.store.load(pid, before_round=2)
+    assert saved["dp-history"] == {repr(q): steps}
+    assert sent["dp-epsilon"] == gaussian_epsilon(1.0, [(q, steps)], 1e-5)
+    # the student trained with a bounded activation
+    from fedkd.local_round import new_student
+
+    student = new_student(plain, runtime.data, pid)
+    kinds = {type(m) for m in student.modules()}
+    assert torch.nn.Tanh in kinds and torch.nn.ReLU not in kinds
+
+
+def test_a_bounded_activation_is_refused_for_models_whose_relus_are_inline():
+    from fedkd.models import with_activation
+
+    model = create_model("resnet8", num_classes=4, input_shape=(3, 12, 12))
+    with pytest.raises(ConfigError, match=r"privacy\.activation"):
+        with_activation(model, "tanh")

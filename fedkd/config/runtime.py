@@ -108,11 +108,37 @@ class PrivacyConfig:
     # DP noise from the OS CSPRNG (fedkd/privacy/noise.py); false: seeded, so a study
     # can replay it (and so can anyone who reads the config: no privacy against them)
     secure_noise: bool = True
+    # sample: DP-SGD's own settings for the private steps (null: train.*). DP-SGD
+    # wants larger batches, a higher learning rate, fewer epochs and a bounded
+    # activation than plain SGD (docs/privacy.md)
+    batch_size: int | None = None  # expected Poisson batch (sample rate = batch / shard)
+    lr: float | None = None
+    epochs: int | None = None
+    momentum: float | None = None
+    optimizer: str = "sgd"  # sgd | adam
+    activation: str | None = None  # the students' activation: null (the model's own) | tanh
 
     def check(self) -> None:
-        from fedkd.privacy import MODES
+        from fedkd.privacy import ACTIVATIONS, MODES, OPTIMIZERS
 
         require(self.mode in MODES, "privacy.mode", self.mode, one_of(list(MODES)))
+        for key, low in (("batch_size", 1), ("epochs", 1)):
+            value = getattr(self, key)
+            require(value is None or value >= low, f"privacy.{key}", value, f"null or >= {low}")
+        require(self.lr is None or self.lr > 0, "privacy.lr", self.lr, "null or a number > 0")
+        momentum = self.momentum
+        require(
+            momentum is None or 0 <= momentum < 1, "privacy.momentum", momentum, "null or in [0, 1)"
+        )
+        require(
+            self.optimizer in OPTIMIZERS, "privacy.optimizer", self.optimizer, one_of(OPTIMIZERS)
+        )
+        require(
+            self.activation is None or self.activation in ACTIVATIONS,
+            "privacy.activation",
+            self.activation,
+            "null or " + one_of(list(ACTIVATIONS)),
+        )
         require(
             self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, ">= 0"
         )

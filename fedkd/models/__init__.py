@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedkd.errors import ConfigError
 from fedkd.registry import Registry
 from fedkd.seeding import derive_seed
 
@@ -44,8 +45,31 @@ def create_model(
         return build(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
 
 
+def with_activation(model: nn.Module, name: str | None) -> nn.Module:
+    """`model` with every ReLU module replaced by `name` (None: unchanged). DP-SGD
+    learns better with a bounded activation (Papernot et al., AAAI 2021)."""
+    if name is None:
+        return model
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError(
+            "privacy.activation", name, "null for models with BatchNorm (their ReLUs are inline)"
+        )
+    for parent in list(model.modules()):
+        for child, module in parent.named_children():
+            if isinstance(module, nn.ReLU):
+                setattr(parent, child, {"tanh": nn.Tanh}[name]())
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "count_parameters", "create_model", "list_models", "register_model"]
+__all__ = [
+    "MODELS",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "register_model",
+    "with_activation",
+]

@@ -18,5 +18,7 @@ Poisson sampling with rate K/N, the usual approximation in DP-FedAvg accounting.
 from fedkd.privacy.accounting import gaussian_epsilon
 
 MODES = ("none", "sample", "client")
+OPTIMIZERS = ("sgd", "adam")  # privacy.optimizer: DP-SGD's, or DP-Adam
+ACTIVATIONS = ("tanh",)  # privacy.activation: bounded, as DP-SGD prefers (Papernot et al. 2021)
 
-__all__ = ["MODES", "gaussian_epsilon"]
+__all__ = ["ACTIVATIONS", "MODES", "OPTIMIZERS", "gaussian_epsilon"]

@@ -7,6 +7,10 @@ the server sent soft labels, one ordinary SGD step of KD on a batch of the publi
 proxy set. Only the DP steps touch private data; the KD steps see public data and
 the current model, so they are post-processing. Steps per epoch: round(1 / q).
 
+The private steps have settings of their own (`privacy.batch_size`, `lr`, `epochs`,
+`momentum`, `optimizer`; unset ones are `train.*`): DP-SGD wants larger batches and
+learning rates than plain SGD. The KD steps keep `train.lr` and `train.momentum`.
+
 The Gaussian noise and the Poisson sample come from `DPNoise` (fedkd/privacy/noise.py):
 the OS CSPRNG unless the run asked for replayable noise.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,11 +28,39 @@ from torch.nn import functional as F
 from fedkd.distill import distillation_loss
 from fedkd.privacy.noise import DPNoise
 
+if TYPE_CHECKING:
+    from fedkd.config import PrivacyConfig
+    from fedkd.training import LocalTraining
+
 
 @dataclass(frozen=True)
 class DPSGD:
+    """The private steps' settings: noise, clip, and their own batch, epochs, optimizer."""
+
     noise_multiplier: float
     max_grad_norm: float
+    batch_size: int  # expected Poisson batch
+    epochs: int
+    lr: float
+    momentum: float = 0.0
+    optimizer: str = "sgd"  # sgd | adam
+
+    @classmethod
+    def from_config(cls, privacy: PrivacyConfig, hp: LocalTraining) -> DPSGD:
+        """`privacy.*`, each unset value taken from the round's local training."""
+
+        def pick(value, default):
+            return default if value is None else value
+
+        return cls(
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            batch_size=pick(privacy.batch_size, hp.batch_size),
+            epochs=pick(privacy.epochs, hp.epochs),
+            lr=pick(privacy.lr, hp.lr),
+            momentum=pick(privacy.momentum, hp.momentum),
+            optimizer=privacy.optimizer,
+        )
 
 
 def dp_steps_per_round(n: int, batch_size: int, epochs: int) -> tuple[float, int]:
@@ -67,9 +100,13 @@ def _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device, no
         if isinstance(m, nn.ReLU):
             m.inplace = False
     gsm = GradSampleModule(model)
-    q, steps = dp_steps_per_round(len(y), hp.batch_size, hp.epochs)
+    q, steps = dp_steps_per_round(len(y), dp.batch_size, dp.epochs)
+    if dp.optimizer == "adam":
+        inner = torch.optim.Adam(gsm.parameters(), lr=dp.lr)
+    else:
+        inner = torch.optim.SGD(gsm.parameters(), lr=dp.lr, momentum=dp.momentum)
     private_opt = _dp_optimizer(
-        torch.optim.SGD(gsm.parameters(), lr=hp.lr, momentum=hp.momentum),
+        inner,
         dp,
         max(1, round(q * len(y))),
         noise,
