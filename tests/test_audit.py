@@ -1,0 +1,127 @@
+"""fedkd-audit: the attack maths on known distributions, and the CLI on tiny runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fedkd.audit.attacks import lira_scores, logit_confidence
+from fedkd.audit.metrics import attack_summary, tpr_at_fpr
+
+
+def test_logit_confidence_is_the_log_odds_of_the_true_class():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    p = torch.softmax(logits, 1)
+    expected = [float(np.log(p[0, 0] / (1 - p[0, 0]))), float(np.log(p[1, 2] / (1 - p[1, 2])))]
+    assert logit_confidence(logits, torch.tensor([0, 2])) == pytest.approx(expected)
+    # stable where the softmax saturates
+    assert np.isfinite(logit_confidence(torch.tensor([[80.0, -80.0]]), torch.tensor([0]))).all()
+
+
+def test_separable_scores_give_auc_one_and_random_ones_about_half():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([1, 0], 500)
+    perfect = attack_summary(labels, labels + 0.1 * rng.random(1000), rng, bootstrap=50)
+    assert perfect["auc"] == 1.0 and perfect["tpr_at_0.01_fpr"] == 1.0
+    noise = attack_summary(labels, rng.normal(size=1000), rng, bootstrap=100)
+    low, high = noise["auc_ci"]
+    assert low < 0.5 < high and high - low < 0.1
+    assert 0.0 <= noise["tpr_at_0.01_fpr"] <= 0.05
+    with pytest.raises(ValueError, match="finite"):
+        attack_summary(labels, np.full(1000, np.nan), rng)
+
+
+def test_tpr_at_fpr_reads_the_roc_curve():
+    labels = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    scores = np.array([9, 8, 1, 7, 2, 2, 1, 0, 0, 0], dtype=float)
+    assert tpr_at_fpr(labels, scores, 0.0) == pytest.approx(2 / 3)  # above every non-member
+    assert tpr_at_fpr(labels, scores, 1 / 7) == pytest.approx(2 / 3)
+    assert tpr_at_fpr(labels, scores, 1.0) == 1.0
+
+
+def test_lira_finds_members_whose_scores_shift_by_example():
+    """Each example has its own baseline (hard and easy examples); membership adds
+    +1. A global threshold sees mostly the baselines; LiRA, calibrated per example by
+    the shadows, sees the shift."""
+    rng = np.random.default_rng(1)
+    m, k = 2000, 16
+    base = rng.normal(0, 3, m)
+    member = rng.random(m) < 0.5
+    target = base + member + rng.normal(0, 0.3, m)
+    shadow_in = rng.random((k, m)) < 0.5
+    shadow = base + shadow_in + rng.normal(0, 0.3, (k, m))
+    lira = attack_summary(member.astype(int), lira_scores(target, shadow, shadow_in), rng, 20)
+    threshold = attack_summary(member.astype(int), target, rng, 20)
+    assert lira["auc"] > 0.9 > 0.65 > threshold["auc"]
+    # no signal: LiRA stays at chance
+    flat = lira_scores(base + rng.normal(0, 0.3, m), shadow - shadow_in, shadow_in)
+    assert attack_summary(member.astype(int), flat, rng, 20)["auc"] == pytest.approx(0.5, abs=0.05)
+
+
+def _tiny_run(tmp_path, *overrides):
+    from tests.test_files import played
+
+    plain, _, rows, out = played(tmp_path, *overrides)
+    (out / "config.yaml").write_text(yaml.safe_dump(plain))  # as fedkd-sim writes them
+    (out / "summary.json").write_text(json.dumps({"epsilon": rows[-1].get("epsilon")}))
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides, view",
+    [
+        (("strategy=fedavg",), "weights"),
+        (("strategy=dsfl", "strategy.codec=onebit"), "soft labels (onebit)"),
+        (("strategy=fedmd", "privacy=sample", "privacy.noise_multiplier=2.0"), "soft labels"),
+    ],
+)
+def test_fedkd_audit_attacks_what_the_server_saw(tmp_path, capsys, overrides, view):
+    from simulations.audit import main
+
+    run = _tiny_run(tmp_path, *overrides)
+    main([str(run), "--candidates", "40", "--shadows", "2", "--shadow-epochs", "1",
+          "--surrogate-epochs", "1"])  # fmt: skip
+    result = json.loads((run / "audit.json").read_text())
+    assert result["view"].startswith(view)
+    assert result["members"] == result["non_members"] > 0
+    for attack in ("threshold", "lira"):
+        a = result["attacks"][attack]
+        assert 0.0 <= a["auc_ci"][0] <= a["auc"] <= a["auc_ci"][1] <= 1.0
+    if "privacy=sample" in overrides:
+        assert result["privacy"] == "sample" and result["epsilon"] > 0
+    assert "TPR @ 1% FPR" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "overrides, args, message",
+    [
+        ((), ["--client", "7"], "--client"),
+        ((), ["--shadows", "1"], "--shadows"),
+        (("strategy=local",), [], "strategy"),
+        (("lifelong=class_incremental", "lifelong.num_tasks=2", "lifelong.rounds_per_task=1"),
+         [], "lifelong"),
+    ],
+)  # fmt: skip
+def test_fedkd_audit_refuses_what_it_cannot_audit_in_one_line(
+    tmp_path, capsys, overrides, args, message
+):
+    from simulations.audit import main
+
+    run = _tiny_run(tmp_path, *overrides)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("fedkd-audit: error:") and message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_fedkd_audit_of_a_directory_that_is_no_run_is_one_line(tmp_path, capsys):
+    from simulations.audit import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "no config.yaml" in capsys.readouterr().err
