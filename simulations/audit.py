@@ -49,6 +49,13 @@ def audit(args: argparse.Namespace) -> None:
         ]
         table.add_row(name, *cells)
     Console().print(table)
+    bound = result["epsilon_lower_bound"]
+    accounted = [s["accountant_epsilon"] for s in bound["shadows"]]
+    print(
+        f"empirical epsilon lower bound ({bound['confidence']:.0%}, one-run audit of "
+        f"{len(accounted)} shadows, {bound['canaries']} canaries): {bound['value']:.2f}; "
+        f"accountant: {'no DP' if accounted[0] is None else f'{max(accounted):.2f}'}"
+    )
     out = Path(args.out or Path(args.run_dir) / "audit.json")
     write_json_atomic(out, result)
     print(

@@ -10,7 +10,13 @@ import torch
 import yaml
 
 from fedkd.audit.attacks import lira_scores, logit_confidence
-from fedkd.audit.metrics import attack_summary, tpr_at_fpr
+from fedkd.audit.metrics import (
+    attack_summary,
+    one_run_epsilon,
+    one_run_guesses,
+    one_run_p_value,
+    tpr_at_fpr,
+)
 
 
 def test_logit_confidence_is_the_log_odds_of_the_true_class():
@@ -62,6 +68,30 @@ def test_lira_finds_members_whose_scores_shift_by_example():
     assert attack_summary(member.astype(int), flat, rng, 20)["auc"] == pytest.approx(0.5, abs=0.05)
 
 
+@pytest.mark.parametrize("true_eps", [0.5, 1.0, 2.0])
+def test_one_run_bound_never_exceeds_a_known_epsilon_and_comes_close(true_eps):
+    """Randomized response on m coin-flipped canaries is exactly eps-DP: guessing its
+    output gets each canary right with probability e^eps / (1 + e^eps)."""
+    rng = np.random.default_rng(int(true_eps * 10))
+    m = 5000
+    included = rng.random(m) < 0.5
+    keep = rng.random(m) < np.exp(true_eps) / (1 + np.exp(true_eps))
+    released = np.where(keep, included, ~included)
+    scores = released + rng.random(m) * 0.1  # rank the released bits, ties broken
+    r, v = one_run_guesses(included, scores, m // 2)
+    bound = one_run_epsilon(m, r, v, delta=0.0)
+    assert 0.7 * true_eps < bound <= true_eps
+    assert one_run_epsilon(m, r, v, delta=1e-5) <= bound  # delta only weakens it
+
+
+def test_one_run_p_value_is_the_randomized_response_tail():
+    assert one_run_p_value(100, 10, 10, 0.0, 0.0) == pytest.approx(0.5**10)
+    assert one_run_p_value(100, 10, 0, 3.0, 1e-5) == 1.0
+    assert one_run_epsilon(1000, 100, 50, 1e-5) == 0.0  # chance refutes nothing
+    with pytest.raises(ValueError, match="v <= r"):
+        one_run_p_value(10, 5, 6, 1.0, 0.0)
+
+
 def _tiny_run(tmp_path, *overrides):
     from tests.test_files import played
 
@@ -91,8 +121,14 @@ def test_fedkd_audit_attacks_what_the_server_saw(tmp_path, capsys, overrides, vi
     for attack in ("threshold", "lira"):
         a = result["attacks"][attack]
         assert 0.0 <= a["auc_ci"][0] <= a["auc"] <= a["auc_ci"][1] <= 1.0
+    bound = result["epsilon_lower_bound"]
+    assert bound["value"] == max(s["epsilon_lower_bound"] for s in bound["shadows"]) >= 0
     if "privacy=sample" in overrides:
         assert result["privacy"] == "sample" and result["epsilon"] > 0
+        for shadow in bound["shadows"]:  # the audit never beats the accountant
+            assert shadow["epsilon_lower_bound"] <= shadow["accountant_epsilon"]
+    else:
+        assert all(s["accountant_epsilon"] is None for s in bound["shadows"])
     assert "TPR @ 1% FPR" in capsys.readouterr().out
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fedkd.audit.attacks import lira_scores, logit_confidence
-from fedkd.audit.metrics import attack_summary
+from fedkd.audit.metrics import attack_summary, one_run_epsilon, one_run_guesses
 from fedkd.comm.codecs import decode, encode
 from fedkd.config import FedKDConfig, typed
 from fedkd.data.federated import FederatedData
@@ -38,7 +38,8 @@ from fedkd.distill import distillation_loss
 from fedkd.errors import ConfigError
 from fedkd.export import load_run, load_student
 from fedkd.local_round import new_student
-from fedkd.privacy.dpsgd import DPSGD, dp_train_student
+from fedkd.privacy import gaussian_epsilon
+from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
 from fedkd.privacy.noise import DPNoise
 from fedkd.protocol import LOGITS, REPLY_LOGITS, REPLY_WEIGHTS
 from fedkd.seeding import numpy_rng, torch_generator
@@ -85,6 +86,7 @@ def audit_run(run_dir: str | Path, settings: AuditSettings) -> dict[str, Any]:
             for k in range(settings.shadows)
         ]
     )
+    bound = one_run_bound(view, cand, shadow_phi, shadow_in, cfg.privacy.delta)
     rng = numpy_rng(settings.seed, "audit-bootstrap")
     attacks = {
         "threshold": attack_summary(cand.member, target_phi, rng, settings.bootstrap),
@@ -103,6 +105,7 @@ def audit_run(run_dir: str | Path, settings: AuditSettings) -> dict[str, Any]:
         "non_members": int((cand.member == 0).sum()),
         "settings": asdict(settings),
         "attacks": attacks,
+        "epsilon_lower_bound": bound,
         "seconds": time.perf_counter() - started,
     }
 
@@ -181,24 +184,78 @@ class ServerView:
                 opt.step()
         return model
 
+    def _shadow_recipe(self) -> tuple[LocalTraining, DPSGD | None]:
+        """The target's local training stretched over the run: rounds x epochs."""
+        cfg, own = self.cfg, self.settings.shadow_epochs
+        hp = LocalTraining.from_config(cfg.train, cfg.distill)
+        hp = replace(hp, epochs=own or cfg.rounds * hp.epochs)
+        if cfg.privacy.mode != "sample":
+            return hp, None
+        dp = DPSGD.from_config(cfg.privacy, LocalTraining.from_config(cfg.train, cfg.distill))
+        return hp, replace(dp, epochs=own or cfg.rounds * dp.epochs)
+
+    def shadow_epsilon(self, n: int) -> float | None:
+        """The accountant's epsilon for a shadow's DP-SGD steps on n examples."""
+        _, dp = self._shadow_recipe()
+        if dp is None:
+            return None
+        q, steps = dp_steps_per_round(n, dp.batch_size, dp.epochs)
+        pv = self.cfg.privacy
+        return gaussian_epsilon(pv.noise_multiplier, [(q, steps)], pv.delta)
+
     def train_shadow(self, cand: Candidates, included: np.ndarray, k: int) -> nn.Module:
         """A student trained like the target on the shard's other examples plus the
         candidates `included` marks (members and non-members alike)."""
-        cfg = self.cfg
         keep = torch.from_numpy(included)
         x = torch.cat([cand.rest_x, cand.x[keep]])
         y = torch.cat([cand.rest_y.long(), cand.y[keep]])
-        epochs = self.settings.shadow_epochs or cfg.rounds * cfg.train.epochs
-        hp = replace(LocalTraining.from_config(cfg.train, cfg.distill), epochs=epochs)
-        model = new_student(replace_seed(cfg, f"shadow-{k}"), self.data, self.pid)
+        hp, dp = self._shadow_recipe()
+        model = new_student(replace_seed(self.cfg, f"shadow-{k}"), self.data, self.pid)
         gen = torch_generator(self.settings.seed, "audit-shadow", k)
-        if cfg.privacy.mode == "sample":  # as the target trained: DP-SGD's own settings
-            dp = DPSGD.from_config(cfg.privacy, hp)
-            dp = replace(dp, epochs=self.settings.shadow_epochs or cfg.rounds * dp.epochs)
+        if dp is not None:  # as the target trained: DP-SGD with its own settings
             dp_train_student(model, x, y, hp, dp, gen, noise=DPNoise())
         else:
             train_student(model, x, y, hp, gen)
         return model
+
+
+def one_run_bound(
+    view: ServerView,
+    cand: Candidates,
+    shadow_phi: np.ndarray,
+    shadow_in: np.ndarray,
+    delta: float,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """An empirical epsilon lower bound from each shadow (Steinke et al. 2023).
+
+    Each shadow is one training run of the client's mechanism in which every
+    candidate was included by a fair coin: the one-run audit's canaries. The server
+    guesses "in" for the 10% highest-scoring candidates of its view and "out" for
+    the 10% lowest. The test runs at 1 - confidence over K shadows (Bonferroni),
+    and each shadow's bound sits beside the accountant's epsilon for the DP steps
+    that shadow took (None without DP: nothing is promised)."""
+    k, m = shadow_in.shape
+    per_side = max(1, m // 10)
+    p = (1 - confidence) / k
+    shadows = []
+    for i in range(k):
+        r, v = one_run_guesses(shadow_in[i], shadow_phi[i], per_side)
+        n = len(cand.rest_y) + int(shadow_in[i].sum())
+        shadows.append(
+            {
+                "guesses": r,
+                "correct": v,
+                "epsilon_lower_bound": one_run_epsilon(m, r, v, delta, p),
+                "accountant_epsilon": view.shadow_epsilon(n),
+            }
+        )
+    return {
+        "value": max(s["epsilon_lower_bound"] for s in shadows),
+        "confidence": confidence,
+        "canaries": m,
+        "shadows": shadows,
+    }
 
 
 def replace_seed(cfg: FedKDConfig, tag: str) -> FedKDConfig:
