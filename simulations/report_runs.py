@@ -16,11 +16,22 @@ from fedkd.errors import FedKDError
 
 # Keys that may differ between runs of one table: what is being compared, and
 # where each run happened to write its files.
-VARYING = ("strategy", "seed", "mitigation", "simulation.client_state_dir", "output")
+# (keep_client_state and verbose only decide what is left on disk or printed.)
+VARYING = (
+    "strategy",
+    "seed",
+    "mitigation",
+    "simulation.client_state_dir",
+    "simulation.keep_client_state",
+    "simulation.verbose",
+    "output",
+)
 # Of those, what never names a row: the seed, and what follows from the strategy name.
 NOT_LABELS = (
     "seed",
     "simulation.client_state_dir",
+    "simulation.keep_client_state",
+    "simulation.verbose",
     "strategy.name",
     "strategy._target_",
     "mitigation.name",  # already in the row's name

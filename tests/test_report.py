@@ -62,6 +62,17 @@ def test_a_strategy_configs_own_settings_compare_but_an_override_does_not(tmp_pa
         report([str(tmp_path)], None)
 
 
+def test_whether_client_files_were_kept_is_no_setting_to_compare(tmp_path):
+    make_run(tmp_path, "a", "dsfl", 0, 0.80)
+    make_run(tmp_path, "b", "dsfl", 1, 0.82)
+    make_run(tmp_path, "c", "dsfl", 2, 0.84)
+    for name, keep in (("a", True), ("b", False)):  # c: a run from before the key
+        cfg = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        cfg["simulation"]["keep_client_state"] = keep
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert "| dsfl | 3 | 82.0 ± 2.0" in report([str(tmp_path)], None)
+
+
 def test_mixed_settings_are_refused(tmp_path):
     make_run(tmp_path, "a", "dsfl", 0, 0.8)
     make_run(tmp_path, "b", "dsfl", 1, 0.8, rounds=5)
