@@ -211,7 +211,9 @@ def test_partition_keys_file_is_read_and_checked(tmp_path):
 
 # ------------------------------------------------------------- DP sampling rate
 def ledger(num_clients: int, per_round: int) -> PrivacyLedger:
-    privacy = SimpleNamespace(mode="client", noise_multiplier=1.0, delta=1e-5, clip_norm=5.0)
+    privacy = SimpleNamespace(
+        mode="client", noise_multiplier=1.0, delta=1e-5, clip_norm=5.0, secure_noise=True
+    )
     cfg = SimpleNamespace(
         privacy=privacy, seed=0, clients_per_round=per_round, num_clients=num_clients
     )
