@@ -13,7 +13,7 @@ from fedkd.models import create_model
 from fedkd.privacy import gaussian_epsilon
 from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
 from fedkd.privacy.noise import DPNoise
-from fedkd.privacy.upload import clip_rows, noisy_mean
+from fedkd.privacy.upload import clip_rows, noisy_mean, private_rows
 from fedkd.results import read_metrics
 from fedkd.training import LocalTraining
 from tests.conftest import TINY
@@ -48,10 +48,21 @@ def test_clip_rows_bounds_every_row_and_keeps_small_ones():
     assert torch.equal(out[1], v[1])
 
 
+def test_private_rows_spend_the_clip_budget_on_what_softmax_sees():
+    # a one-bit vote decodes to log-probabilities with a large common offset
+    vote = torch.tensor([[-0.1] + [-4.5] * 9])
+    out = private_rows(vote, 5.0)
+    assert out.norm(dim=1).item() <= 5.0 + 1e-6
+    assert torch.allclose(out.sum(1), torch.zeros(1), atol=1e-5)
+    assert torch.allclose(torch.softmax(out, 1), torch.softmax(vote, 1))  # under the clip
+    # clipping the raw row would have shrunk the vote's gap to about a third
+    assert (out[0, 0] - out[0, 1]) > 2.5 * (clip_rows(vote, 5.0)[0, 0] - clip_rows(vote, 5.0)[0, 1])
+
+
 def test_noisy_mean_is_calibrated_to_one_clients_upload():
     gen = DPNoise(torch.Generator().manual_seed(0))
     uploads = torch.randn(4, 400, 10) * 10
-    exact = clip_rows(uploads, 2.0).mean(0)
+    exact = private_rows(uploads, 2.0).mean(0)
     assert torch.allclose(noisy_mean(uploads, 2.0, 0.0, gen), exact)
     noise = noisy_mean(uploads, 2.0, 0.5, gen) - exact
     expected_std = 0.5 * 2.0 * math.sqrt(400) / 4  # sigma * C * sqrt(n) / K

@@ -1,11 +1,17 @@
 """Client-level DP on soft-label uploads: clip on the client, noise on the server.
 
-The client clips each row of its logits (one per proxy item) to L2 norm
-`clip_norm` in a Flower mod attached to the train function only, so the whole
-upload has L2 norm at most clip_norm * sqrt(n). The server clips again (it cannot
-trust clients), sums the K uploads and adds N(0, (noise_multiplier * clip_norm *
-sqrt(n))^2) to every coordinate: the Gaussian mechanism on a sum whose sensitivity
-to one client's upload is clip_norm * sqrt(n).
+The client centres each row of its logits (one per proxy item) and clips it to L2
+norm `clip_norm` in a Flower mod attached to the train function only, so the whole
+upload has L2 norm at most clip_norm * sqrt(n). The server does the same again (it
+cannot trust clients), sums the K uploads and adds N(0, (noise_multiplier *
+clip_norm * sqrt(n))^2) to every coordinate: the Gaussian mechanism on a sum whose
+sensitivity to one client's upload is clip_norm * sqrt(n).
+
+Why centre: every consumer of the mean (softmax, tempered softmax, ERA) ignores a
+row's offset, so the offset carries nothing, yet it can take most of the clip
+budget (a one-bit vote decodes to log-probabilities around -4, an untrained
+student's logits share a large common offset). Centring is a projection, so it
+cannot raise the sensitivity.
 """
 
 from __future__ import annotations
@@ -27,19 +33,25 @@ def clip_rows(values: torch.Tensor, clip_norm: float) -> torch.Tensor:
     return values * (clip_norm / norms).clamp(max=1.0)
 
 
+def private_rows(values: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Every row centred (its mean removed) and clipped to L2 norm <= clip_norm."""
+    return clip_rows(values - values.mean(dim=-1, keepdim=True), clip_norm)
+
+
 def noisy_mean(
     uploads: torch.Tensor, clip_norm: float, noise_multiplier: float, noise: DPNoise
 ) -> torch.Tensor:
-    """(K, n, C) uploads -> (n, C): the mean of their row-clipped values, with
-    Gaussian noise calibrated to one client's L2 sensitivity on the sum."""
+    """(K, n, C) uploads -> (n, C): the mean of their centred, row-clipped values,
+    with Gaussian noise calibrated to one client's L2 sensitivity on the sum."""
     k, n, _ = uploads.shape
-    total = clip_rows(uploads, clip_norm).sum(0)
+    total = private_rows(uploads, clip_norm).sum(0)
     std = noise_multiplier * clip_norm * math.sqrt(n)
     return (total + noise.normal(total.shape, std)) / k
 
 
 def clip_upload_mod(clip_norm: float, num_classes: Callable[[], int]) -> Callable:
-    """A Flower mod: clip the rows of the train reply's logits before they leave.
+    """A Flower mod: centre and clip the rows of the train reply's logits before
+    they leave.
     `num_classes` is asked on the worker, where the client's data is loaded."""
 
     def mod(msg: Message, context: Context, call_next: Callable) -> Message:
@@ -52,7 +64,7 @@ def clip_upload_mod(clip_norm: float, num_classes: Callable[[], int]) -> Callabl
             return reply
         shape = (plan.proxy_count, num_classes())
         records[KNOWLEDGE] = recode(
-            records[KNOWLEDGE], plan.codec, shape, lambda v: clip_rows(v, clip_norm)
+            records[KNOWLEDGE], plan.codec, shape, lambda v: private_rows(v, clip_norm)
         )
         return reply
 
