@@ -107,6 +107,8 @@ def _tiny_run(tmp_path, *overrides):
         (("strategy=fedavg",), "weights"),
         (("strategy=dsfl", "strategy.codec=onebit"), "soft labels (onebit)"),
         (("strategy=fedmd", "privacy=sample", "privacy.noise_multiplier=2.0"), "soft labels"),
+        # client-level DP: the server adds the noise, so it sees the clipped uploads
+        (("strategy=dsfl", "privacy=client"), "soft labels (float16), clipped, not noised"),
     ],
 )
 def test_fedkd_audit_attacks_what_the_server_saw(tmp_path, capsys, overrides, view):

@@ -41,6 +41,7 @@ from fedkd.local_round import new_student
 from fedkd.privacy import gaussian_epsilon
 from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
 from fedkd.privacy.noise import DPNoise
+from fedkd.privacy.upload import private_rows
 from fedkd.protocol import LOGITS, REPLY_LOGITS, REPLY_WEIGHTS
 from fedkd.seeding import numpy_rng, torch_generator
 from fedkd.training import LocalTraining, predict_logits, train_student
@@ -159,7 +160,15 @@ class ServerView:
         self.codec = cfg.strategy.get("codec", "float16")
 
     def describe(self) -> str:
-        return "weights" if self.kind == REPLY_WEIGHTS else f"soft labels ({self.codec})"
+        if self.kind == REPLY_WEIGHTS:
+            return "weights"
+        if self.client_level:  # the server adds the noise, so it sees uploads without it
+            return f"soft labels ({self.codec}), clipped, not noised"
+        return f"soft labels ({self.codec})"
+
+    @property
+    def client_level(self) -> bool:
+        return self.cfg.privacy.mode == "client"
 
     def scores(self, student: nn.Module, cand: Candidates, tag: str) -> np.ndarray:
         """phi of the server's model of `student` on every candidate."""
@@ -171,6 +180,8 @@ class ServerView:
         proxy set, coded and decoded as the run's codec does."""
         proxy_x = self.data.proxy_x
         logits = predict_logits(student, proxy_x)
+        if self.client_level:  # as the client's upload mod sends them
+            logits = private_rows(logits, self.cfg.privacy.clip_norm)
         shape = (len(proxy_x), self.data.num_classes)
         probs = decode(encode(logits, self.codec, LOGITS), LOGITS, self.codec, shape, "probs")
         model = new_student(replace_seed(self.cfg, tag), self.data, self.pid)
