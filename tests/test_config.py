@@ -23,6 +23,11 @@ def test_every_strategy_config_validates(strategy):
     validate(compose_cfg(f"strategy={strategy}"))
 
 
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_experiment_config_validates(experiment):
+    validate(compose_cfg(f"experiment={experiment}"))
+
+
 def test_the_promised_groups_and_keys_exist():
     for group in ("dataset", "partition", "model", "strategy", "simulation", "experiment"):
         assert group_options(group), group
