@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup data run test test-slow test-all lint bench bench-scale bench-bytes clean
+.PHONY: setup data run test test-slow test-all lint bench bench-scale bench-clients bench-bytes clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ lint: setup
 BENCH_DIR ?= docs/bench
 SCALE     := experiment=bench
 BYTES     := experiment=bench num_clients=100 clients_per_round=2 rounds=2 proxy.subset_size=null
-bench: bench-scale bench-bytes
+bench: bench-scale bench-clients bench-bytes
 	$(BIN)/fedkd-bench summarize $(BENCH_DIR) --out docs/benchmarks.md
 
 bench-scale: setup    ## the simulator against the compute bound, 10 to 10,000 clients
@@ -62,6 +62,9 @@ bench-scale: setup    ## the simulator against the compute bound, 10 to 10,000 c
 	$(BIN)/fedkd-bench --name cpr100-n10000 --out $(BENCH_DIR)/cpr100-n10000.json $(SCALE) num_clients=10000 clients_per_round=100
 	$(BIN)/fedkd-bench --name cpr1000-n1000 --out $(BENCH_DIR)/cpr1000-n1000.json $(SCALE) num_clients=1000 clients_per_round=1000 rounds=2
 	$(BIN)/fedkd-bench --no-bound --name cpr100-n10000-flower-dispatch --out $(BENCH_DIR)/cpr100-n10000-flower-dispatch.json $(SCALE) num_clients=10000 clients_per_round=100 simulation.fast_dispatch=false
+
+bench-clients: setup  ## the same 48,000 images in 10 to 1,000 clients a round, one invocation
+	$(BIN)/fedkd-bench clients --out-dir $(BENCH_DIR)
 
 bench-bytes: setup    ## bytes per client per round: each codec, and FedAvg with students of several sizes
 	mkdir -p $(BENCH_DIR)

@@ -25,8 +25,12 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Call `write` on a temporary file beside `path`, fsync it, rename it into place."""
+def write_atomic(
+    path: str | Path, write: Callable[[IO[bytes]], object], durable: bool = True
+) -> None:
+    """Call `write` on a temporary file beside `path`, fsync it, rename it into place.
+    `durable=False` skips the fsyncs: still whole files after a killed process (the
+    rename is atomic), but not after a crash of the machine."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
@@ -34,9 +38,11 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)

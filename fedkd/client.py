@@ -1,5 +1,6 @@
 """The Flower ClientApp: the handshake and the round's work (fedkd/local_round.py)
-wrapped in Flower messages, with the injected faults and the upload-clipping mod.
+wrapped in Flower messages, with the injected faults and the upload-clipping mod;
+in simulation with cohorts (fedkd/cohort.py), one node serves a group of clients.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from flwr.clientapp import ClientApp
 
 from fedkd import faults
 from fedkd.admission import sign_claim
+from fedkd.cohort import COHORT, node_partitions, pack_replies, unpack_downloads
 from fedkd.comm.codecs import recode
 from fedkd.config import typed
 from fedkd.local_round import client_reply, client_runtime
 from fedkd.privacy.release import shard_size
-from fedkd.privacy.upload import clip_upload_mod
+from fedkd.privacy.upload import clip_reply, clip_upload_mod
 from fedkd.protocol import CONFIG, INFO, KNOWLEDGE, METRICS, REPLY_LOGITS, WEIGHTS, RoundPlan
 
 log = logging.getLogger("fedkd.client")
@@ -73,12 +75,15 @@ def signed_claim(message: Message, context: Context, pid: int) -> dict[str, Any]
     return {"public-key": public, "signature": signature}
 
 
-def handle_train(plain: dict[str, Any], message: Message, context: Context) -> Message:
-    pid = partition_id_of(context)
-    plan = RoundPlan.from_record(message.content.config_records[CONFIG])
+def serve_client(
+    plain: dict[str, Any], pid: int, download: RecordDict, memo: dict | None = None
+) -> RecordDict:
+    """One client's round with its injected faults, whichever path carried it;
+    `memo` shares decoded broadcast records between the clients of one cohort."""
+    plan = RoundPlan.from_record(download.config_records[CONFIG])
     runtime = client_runtime(plain)
     faults.before_round(runtime.cfg, plan.round, pid)  # an injected crash or stall, if any
-    content = client_reply(plain, pid, message.content)
+    content = client_reply(plain, pid, download, memo)
     shape = (plan.proxy_count, runtime.data.num_classes)
     logits = plan.reply == REPLY_LOGITS
     faults.after_round(
@@ -89,18 +94,82 @@ def handle_train(plain: dict[str, Any], message: Message, context: Context) -> M
         KNOWLEDGE if logits else WEIGHTS,
         (lambda rec, fn: recode(rec, plan.codec, shape, fn)) if logits else None,
     )
+    return content
+
+
+def handle_train(plain: dict[str, Any], message: Message, context: Context) -> Message:
+    return Message(serve_client(plain, partition_id_of(context), message.content), reply_to=message)
+
+
+# ---------------------------------------------------------------------------- cohorts
+def cohort_of(plain: dict[str, Any], context: Context) -> list[int]:
+    """The partitions this simulated node serves (fedkd/cohort.py)."""
+    cfg = typed(plain)
+    nodes = cfg.simulation.cohort_nodes or 0
+    declared = int(context.node_config.get("num-partitions", nodes))
+    if declared != nodes:
+        raise ValueError(f"{declared} simulated nodes, but simulation.cohort_nodes={nodes}")
+    return node_partitions(partition_id_of(context), nodes, cfg.num_clients)
+
+
+def handle_cohort_query(plain: dict[str, Any], message: Message, context: Context) -> Message:
+    """The cohort handshake: every partition this node serves and its shard size."""
+    pids = cohort_of(plain, context)
+    runtime = client_runtime(plain)
+    mode = runtime.cfg.privacy.mode
+    sizes = [shard_size(mode, len(runtime.data.shards[pid])) for pid in pids]
+    content = RecordDict(
+        {
+            METRICS: MetricRecord({"partition-ids": pids, "num-examples": sizes}),
+            INFO: ConfigRecord({"proxy-digest": runtime.data.proxy_digest}),
+        }
+    )
     return Message(content, reply_to=message)
 
 
+def handle_cohort_train(plain: dict[str, Any], message: Message, context: Context) -> Message:
+    """Every client of the node's message, one after the other; a client's error
+    is its own reply, the others still answer."""
+    owned = set(cohort_of(plain, context))
+    privacy = typed(plain).privacy
+    memo: dict = {}
+    results: list[tuple[int, RecordDict | str]] = []
+    for pid, download in unpack_downloads(message.content):
+        try:
+            if pid not in owned:
+                raise ValueError(f"partition {pid} is not served by this node")
+            content = serve_client(plain, pid, download, memo)
+            if privacy.mode == "client":  # what the per-client path's mod does
+                plan = RoundPlan.from_record(download.config_records[CONFIG])
+                classes = client_runtime(plain).data.num_classes
+                clip_reply(plan, content, privacy.clip_norm, classes)
+            results.append((pid, content))
+        except Exception as exc:  # this client fails; its cohort does not
+            results.append((pid, f"{type(exc).__name__}: {exc}"))
+    return Message(pack_replies(results), reply_to=message)
+
+
 def build_client_app(plain: dict[str, Any]) -> ClientApp:
-    """A ClientApp bound to a resolved config (a plain dict, cheap to pickle to Ray)."""
+    """A ClientApp bound to a resolved config (a plain dict, cheap to pickle to Ray):
+    a node per client, or with `simulation.execution=cohort` a node per cohort."""
     app = ClientApp()
+    privacy = typed(plain).privacy
+    if plain["simulation"].get("execution") == COHORT:
+
+        @app.query()
+        def cohort_query(message: Message, context: Context) -> Message:
+            return handle_cohort_query(plain, message, context)
+
+        @app.train()
+        def cohort_train(message: Message, context: Context) -> Message:
+            return handle_cohort_train(plain, message, context)
+
+        return app
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
         return handle_query(plain, message, context)
 
-    privacy = typed(plain).privacy
     mods = []
     if privacy.mode == "client":  # clip the upload before it leaves the client
         classes = lambda: client_runtime(plain).data.num_classes  # noqa: E731 (on the worker)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import socket
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
-from fedkd.client_store import ClientStore
+from fedkd.client_store import ClientStore, is_plain
 from fedkd.comm.codecs import check, decode, encode
+from fedkd.comm.npy import array_from_numpy
 from fedkd.config import FedKDConfig, typed
 from fedkd.data.device import device_federated_data
 from fedkd.data.federated import FederatedData, federated_data
@@ -51,7 +53,7 @@ from fedkd.protocol import (
 )
 from fedkd.resources import client_device, in_ray_worker
 from fedkd.seeding import torch_generator
-from fedkd.training import accuracy, predict_logits, train_student
+from fedkd.training import accuracy, on_device, predict_logits, train_student
 
 
 @dataclass
@@ -63,6 +65,15 @@ class ClientRuntime:
     store: ClientStore
     device: str
     mitigation: Mitigation
+    blanks: dict[str, nn.Module] = field(default_factory=dict)
+    info: dict[str, str] = field(default_factory=dict)  # where this worker runs
+
+    def blank(self, arch: str, build: Callable[[], nn.Module]) -> nn.Module:
+        """This worker's reusable module of architecture `arch`: its weights are
+        overwritten before use, and a worker serves one client at a time."""
+        if arch not in self.blanks:
+            self.blanks[arch] = build()
+        return self.blanks[arch]
 
 
 @lru_cache(maxsize=2)
@@ -73,13 +84,16 @@ def _runtime(cfg_key: str) -> ClientRuntime:
     if in_ray_worker():
         torch.set_num_threads(sim.num_cpus)
     store_dir = sim.client_state_dir or str(Path.cwd() / "client_state")
-    node = plain.get("node") or {}  # set by fedkd.app on a SuperNode with its own data
+    node = plain.get("node") or {}  # set by fedkd.app on a SuperNode (data-path: its own data)
     if node.get("data-path"):
         data = device_federated_data(plain, node["partition-id"], node["data-path"], node["bundle"])
     else:
         data = federated_data(plain)
     device = client_device(float(sim.num_gpus))
-    return ClientRuntime(cfg, data, ClientStore(store_dir), device, build_mitigation(cfg))
+    # a device's store is fsynced; a simulation's needs only whole files (a killed
+    # process leaves the previous state), not survival of a machine crash
+    store = ClientStore(store_dir, durable=bool(node))
+    return ClientRuntime(cfg, data, store, device, build_mitigation(cfg), info=worker_info())
 
 
 def client_runtime(plain: dict[str, Any]) -> ClientRuntime:
@@ -108,7 +122,11 @@ def evaluate_tasks(model: nn.Module, data: FederatedData, device: str) -> list[f
 
 
 def teacher_labels(
-    plan: RoundPlan, arrays: dict[str, ArrayRecord], data: FederatedData, proxy_x: torch.Tensor
+    plan: RoundPlan,
+    arrays: dict[str, ArrayRecord],
+    data: FederatedData,
+    proxy_x: torch.Tensor,
+    memo: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The proxy items the teacher's soft labels cover, and the labels (None: none sent).
 
@@ -120,11 +138,17 @@ def teacher_labels(
     rows = plan.teacher_rows(len(proxy_x))
     kd_x = proxy_x[torch.from_numpy(rows)] if len(rows) < len(proxy_x) else proxy_x
     shape = (len(kd_x), data.num_classes)
+    return kd_x, decoded(
+        {} if memo is None else memo, arrays[TEACHER], _teacher_probs, plan.teacher_codec, shape
+    )
+
+
+def _teacher_probs(record: ArrayRecord, codec: str, shape: tuple[int, int]) -> torch.Tensor:
     try:
-        check(arrays[TEACHER], plan.teacher_codec, SOFT_LABELS, shape)
+        check(record, codec, SOFT_LABELS, shape)
     except InvalidReply as exc:
         raise ValueError(f"malformed teacher soft labels from the server: {exc}") from None
-    return kd_x, decode(arrays[TEACHER], SOFT_LABELS, plan.teacher_codec, shape, "probs")
+    return decode(record, SOFT_LABELS, codec, shape, "probs")
 
 
 def train_round(runtime: ClientRuntime, ctx: ClientRound) -> tuple[float, dict[str, float]]:
@@ -156,26 +180,57 @@ def train_round(runtime: ClientRuntime, ctx: ClientRound) -> tuple[float, dict[s
     return loss, extras.info
 
 
-def client_reply(plain: dict[str, Any], pid: int, download: RecordDict) -> RecordDict:
-    """One client's round: the server's download in, the client's upload out."""
+JOINED = "joined"  # state key: the round the client first trained in
+
+
+def starting_student(
+    runtime: ClientRuntime, pid: int, state: dict[str, Any], weights: dict | None
+) -> tuple[nn.Module, bool]:
+    """The model the client starts its round from, and whether it is new (first round).
+
+    Its own saved student, or the broadcast `weights`, or a seeded new one. Building a
+    model with its seeded initialisation costs milliseconds, so a client whose
+    weights come from elsewhere reuses a blank module of the architecture instead
+    (`ClientRuntime.blank`): the numbers are the same, the cost is a copy."""
+    cfg, data = runtime.cfg, runtime.data
+    new = "model" not in state and JOINED not in state
+    if new and (weights is None or data.stream.lifelong):  # its initial weights are used
+        student = new_student(cfg, data, pid)
+    else:
+        student = runtime.blank(cfg.model.student_of(pid), lambda: new_student(cfg, data, pid))
+    if "model" in state:
+        student.load_state_dict(state["model"])
+    return student, new
+
+
+def client_reply(
+    plain: dict[str, Any], pid: int, download: RecordDict, memo: dict | None = None
+) -> RecordDict:
+    """One client's round: the server's download in, the client's upload out.
+    `memo` (a cohort's clients share it) keeps decoded broadcast records."""
     started = time.perf_counter()
     runtime = client_runtime(plain)
     cfg, data = runtime.cfg, runtime.data
     plan = RoundPlan.from_record(download.config_records[CONFIG])
     arrays = download.array_records
+    memo = {} if memo is None else memo
 
     state = runtime.store.load(pid, before_round=plan.round) or {}
-    student = new_student(cfg, data, pid)
+    before = dict(state)
+    weights = (
+        decoded(memo, arrays[WEIGHTS], ArrayRecord.to_torch_state_dict)
+        if WEIGHTS in arrays
+        else None
+    )
+    student, new = starting_student(runtime, pid, state, weights)
     metrics: dict[str, Any] = {}
-    if "model" in state:
-        student.load_state_dict(state["model"])
-    elif data.stream.lifelong:
+    if new and data.stream.lifelong:
         metrics["initial-task-accuracy"] = evaluate_tasks(student, data, runtime.device)  # b_j
-    if WEIGHTS in arrays:
-        student.load_state_dict(arrays[WEIGHTS].to_torch_state_dict())
+    if weights is not None:
+        student.load_state_dict(weights)
 
     proxy_x = data.proxy_inputs(list(plan.proxy))
-    kd_x, teacher_probs = teacher_labels(plan, arrays, data, proxy_x)
+    kd_x, teacher_probs = teacher_labels(plan, arrays, data, proxy_x, memo)
     x, y = data.client_data(pid, plan.task)
     previous = state.get("task")
     ctx = ClientRound(
@@ -214,14 +269,39 @@ def client_reply(plain: dict[str, Any], pid: int, download: RecordDict) -> Recor
         logits = predict_logits(student, proxy_x, device=runtime.device)
         content[KNOWLEDGE] = encode(logits, plan.codec, LOGITS, kind="logits")
     elif plan.reply == REPLY_WEIGHTS:
-        content[WEIGHTS] = ArrayRecord(student.cpu().state_dict())
-    state["model"] = student.cpu().state_dict()
-    runtime.store.save(pid, state, plan.round)
+        content[WEIGHTS] = weights_record(on_device(student, "cpu").state_dict())
+    state.setdefault(JOINED, plan.round)
+    if weights is None:  # the next round starts from this student
+        state["model"] = on_device(student, "cpu").state_dict()
+    else:  # the next round's broadcast replaces it: no need to keep it
+        state.pop("model", None)
+    if not same_plain_state(before, state):  # nothing new: no write
+        runtime.store.save(pid, state, plan.round)
     metrics["compute-seconds"] = time.perf_counter() - started
     # under DP, only what the accountant covers leaves the client (fedkd/privacy/release.py)
     content[METRICS] = MetricRecord(releasable(cfg.privacy.mode, metrics))
-    content[INFO] = ConfigRecord(worker_info())
+    content[INFO] = ConfigRecord(runtime.info)
     return content
+
+
+def weights_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """`ArrayRecord(state)`, the same bytes, built without numpy's per-array cost."""
+    return ArrayRecord({k: array_from_numpy(v.detach().numpy()) for k, v in state.items()})
+
+
+def decoded(memo: dict, record: Any, decode_fn: Any, *key: Any) -> Any:
+    """`decode_fn(record, *key)`, once per record object in a memo (a cohort's clients
+    get the same broadcast record; the memo holds it, so its id stays its own)."""
+    slot = (id(record), *key)
+    if slot not in memo:
+        memo[slot] = (record, decode_fn(record, *key))
+    return memo[slot][1]
+
+
+def same_plain_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """True if two states are equal and hold only plain values (no tensors, which
+    `==` cannot compare as a whole): then saving `b` over `a` would change nothing."""
+    return is_plain(a) and is_plain(b) and a == b
 
 
 def train_private(

@@ -16,10 +16,12 @@ round 1), because node ids are random while sampling is over partition ids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fedkd.comm.npy import array_to_numpy
 from fedkd.seeding import numpy_rng
 from fedkd.training import LocalTraining
 
@@ -139,7 +141,7 @@ class ClientReply:
     partition_id: int
     num_examples: int
     metrics: dict[str, float]
-    arrays: ArrayRecord | None
+    arrays: Any  # what the strategy's check_payload returned (a record or its decoding)
     bytes_up: int
     info: dict[str, str] = field(default_factory=dict)
 
@@ -151,7 +153,7 @@ def check_array(
     if key not in record:
         raise InvalidReply(f"missing array {key!r}")
     try:
-        arr = record[key].numpy()
+        arr = array_to_numpy(record[key], dtype, shape)
     except Exception as exc:  # malformed bytes from a client
         first = str(exc).split(". ")[0] or type(exc).__name__
         raise InvalidReply(f"array {key!r} cannot be decoded: {first}") from None

@@ -19,12 +19,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedkd.admission import NONCE_BYTES, PartitionKeys, Refused, declared_examples, read_claim
 from fedkd.checkpoint import load_checkpoint
+from fedkd.cohort import COHORT, PER_CLIENT, CohortTransport, discover_cohorts
 from fedkd.errors import FedKDError
 from fedkd.protocol import CONFIG, QUERY
 from fedkd.resources import visible_gpus
 from fedkd.results.progress import RoundProgress
 from fedkd.results.recorder import RunRecorder
-from fedkd.round_loop import GridTransport, run_rounds
+from fedkd.round_loop import GridTransport, Transport, run_rounds
 from fedkd.server_state import build_server_state
 
 log = logging.getLogger("fedkd.server")
@@ -34,7 +35,9 @@ class FederationError(FedKDError):
     """The federation could not be formed (nodes missing, partitions inconsistent)."""
 
 
-def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+def wait_for_nodes(
+    grid: Grid, expected: int, timeout: float, what: str = "num_clients"
+) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
@@ -42,7 +45,7 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
             return nodes
         if time.monotonic() > deadline:
             raise FederationError(
-                f"only {len(nodes)} of num_clients={expected} nodes registered within "
+                f"only {len(nodes)} of {what}={expected} nodes registered within "
                 f"simulation.register_timeout={timeout}s"
             )
         time.sleep(0.2)
@@ -139,9 +142,20 @@ def run_server(
     sim = cfg.simulation
     if sim.fast_dispatch and hasattr(grid, "pull_interval"):
         grid.pull_interval = 0.01  # Flower's in-memory grid polls for replies every 0.1 s
-    partitions: dict[int, int] = {}
+    cohort = sim.execution == COHORT  # fedkd/cohort.py (set by fedkd-sim only)
+    cohorts: dict[int, list[int]] = {}  # node id -> the partitions it serves
     nodes: list[int] = []
-    if state.strategy.uses_clients:
+    if state.strategy.uses_clients and cohort:
+        nodes = wait_for_nodes(grid, sim.cohort_nodes, sim.register_timeout, "cohort_nodes")
+        cohorts = discover_cohorts(
+            grid,
+            nodes,
+            cfg.num_clients,
+            sim.register_timeout,
+            data.proxy_digest,
+            shard_sizes=state.declared_examples,
+        )
+    elif state.strategy.uses_clients:
         nodes = wait_for_nodes(grid, cfg.num_clients, sim.register_timeout)
         partitions = discover_partitions(
             grid,
@@ -153,8 +167,9 @@ def run_server(
             run_id,
             shard_sizes=state.declared_examples,
         )
-        state.privacy.set_population(len(partitions))  # DP sampling over those admitted
-    state.population = sorted(partitions.values())
+        cohorts = {node: [pid] for node, pid in partitions.items()}
+    state.population = sorted(pid for pids in cohorts.values() for pid in pids)
+    state.privacy.set_population(len(state.population))  # DP sampling over those admitted
     meta = {
         "strategy": state.strategy.name,
         "seed": cfg.seed,
@@ -166,7 +181,8 @@ def run_server(
         "proxy_mode": cfg.lifelong.proxy,
         "num_tasks": data.num_tasks,
         "nodes": len(nodes),
-        "nodes_admitted": len(partitions),
+        "nodes_admitted": len(cohorts),
+        "execution": COHORT if cohort else PER_CLIENT,
     }
     progress = None
     if cfg.output.progress:
@@ -184,7 +200,11 @@ def run_server(
     if progress is not None:
         for row in recorder.rows:
             progress.round(row)
-    transport = GridTransport(grid, partitions, sim.round_timeout)
+    if cohort:
+        transport: Transport = CohortTransport(grid, cohorts, sim.round_timeout)
+    else:
+        partitions = {node: pids[0] for node, pids in cohorts.items()}
+        transport = GridTransport(grid, partitions, sim.round_timeout)
     lifelong = run_rounds(state, transport, recorder, out)
     return recorder.finish(lifelong)
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedkd.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 from fedkd.client_store import ClientStore
+from fedkd.cohort import COHORT, resolve_execution
 from fedkd.compose import to_plain
 from fedkd.config import validate
 from fedkd.data.federated import federated_data
@@ -108,6 +109,7 @@ def prepare(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, A
         refuse_existing_run(out_dir, bool(plain["output"]["overwrite"]))
     sim = plain["simulation"]
     sim["num_gpus"] = resolve_num_gpus(sim["num_gpus"], int(sim["num_cpus"]))
+    resolve_execution(plain)
     if resume:  # config.yaml names the store the run used
         store = Path(sim["client_state_dir"] or out_dir / "client_state").resolve()
     else:
@@ -122,6 +124,12 @@ def prepare(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, A
         for name in RUN_FILES:  # output.overwrite: the replaced run's results go
             (out_dir / name).unlink(missing_ok=True)
     return plain
+
+
+def simulated_nodes(plain: dict[str, Any]) -> int:
+    """A node per client, or with cohorts `simulation.cohort_nodes` (fedkd/cohort.py)."""
+    sim = plain["simulation"]
+    return int(sim["cohort_nodes"] if sim["execution"] == COHORT else plain["num_clients"])
 
 
 def backend_config(plain: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +170,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, resume: bool = False) -
     run_simulation(
         server_app=build_server_app(plain, out, resume),
         client_app=build_client_app(plain),
-        num_supernodes=int(plain["num_clients"]),
+        num_supernodes=simulated_nodes(plain),
         backend_config=backend_config(plain),
         verbose_logging=verbose,
     )

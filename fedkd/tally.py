@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedkd.comm.codecs import payload_bytes
 from fedkd.protocol import INFO, ClientReply, InvalidReply
@@ -37,7 +37,7 @@ class Reply:
 @dataclass
 class ReplyTally:
     round: Round
-    check_payload: Callable[[Round, RecordDict], ArrayRecord | None]
+    check_payload: Callable[[Round, RecordDict], Any]
     limits: ReplyLimits  # what a reply of this round may hold (fedkd/reply_checks.py)
     declared: dict[int, int] = field(default_factory=dict)  # shard sizes, from the handshake
     valid: list[ClientReply] = field(default_factory=list)

@@ -11,10 +11,21 @@ twice:
 (b) the compute bound: exactly the same work — the same sampled clients, plans,
     payloads, client function (`fedkd.local_round.client_reply`), validation, aggregation
     and evaluation, with the same seeds — run sequentially in this one process with
-    torch using every core: no simulation engine, no Ray, no message transport.
+    torch using every core: no simulation engine, no Ray, no message transport;
+(c) the same again on 2 worker processes of one torch thread each (the round's
+    clients in groups, as cohorts are): the tighter bound on a 2-core machine, where
+    many small clients gain little from torch's threads.
 
-`overhead_ratio` = (a) / (b) over steady-state rounds (round 1 warms caches and actors
-and is excluded; process start-up is reported as `startup_seconds`).
+`overhead_ratio` = (a) / (b), `overhead_ratio_2proc` = (a) / (c), over steady-state
+rounds (round 1 warms caches and actors and is excluded; process start-up is
+reported as `startup_seconds`).
+
+    fedkd-bench clients --out-dir docs/bench
+
+runs the many-clients workloads (`CLIENT_WORKLOADS`: the same 48,000 private images
+per round cut into 10 to 1,000 FedAvg clients, 10,000 registered with 1,000 per
+round, and the dsfl bench workload at 1,000 per round) in one invocation, so their
+ratios to the 10-client round come from one machine state.
 """
 
 from __future__ import annotations
@@ -39,6 +50,34 @@ from simulations.cli import run_cli
 PROG = "fedkd-bench"
 
 
+BOUND_PROCESSES = 2
+
+# The many-clients workloads (issue: a round's cost should follow its images, not its
+# clients): FedAvg on 48,000 private IID images per round, next to no evaluation.
+FEDAVG_IMAGES = [
+    "strategy=fedavg",
+    "partition=iid",
+    "proxy.size=12000",
+    "train.lr=0.05",
+    "eval.client_test_size=1",
+    "eval.teacher_test_size=1000",
+    "rounds=3",
+]
+CLIENT_WORKLOADS = [
+    ("clients-fedavg-n10", [*FEDAVG_IMAGES, "num_clients=10", "clients_per_round=10"]),
+    ("clients-fedavg-n100", [*FEDAVG_IMAGES, "num_clients=100", "clients_per_round=100"]),
+    ("clients-fedavg-n1000", [*FEDAVG_IMAGES, "num_clients=1000", "clients_per_round=1000"]),
+    (
+        "clients-fedavg-n10000-cpr1000",
+        [*FEDAVG_IMAGES, "num_clients=10000", "clients_per_round=1000"],
+    ),
+    (
+        "clients-dsfl-n1000",
+        ["experiment=bench", "num_clients=1000", "clients_per_round=1000", "rounds=2"],
+    ),
+]
+
+
 def bench(name: str, overrides: list[str], out: str | None, bound: bool) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
@@ -61,11 +100,16 @@ def bench(name: str, overrides: list[str], out: str | None, bound: bool) -> dict
             "student_parameters": student_parameters(cfg),
             "codec": payload_name(cfg.strategy),
             "proxy_per_round": int(cfg.proxy.subset_size or cfg.proxy.size),
+            "execution": resolved_execution(cfg),
         }
         result |= run_simulator(overrides, run_dir)
         if bound:
-            result |= run_bound(run_dir / "config.yaml", Path(tmp) / "bound")
-            result["overhead_ratio"] = result["sim_round_seconds"] / result["bound_round_seconds"]
+            config = run_dir / "config.yaml"
+            result |= run_bound(config, Path(tmp) / "bound")
+            result |= run_bound(config, Path(tmp) / "bound2", processes=BOUND_PROCESSES)
+            sim = result["sim_round_seconds"]
+            result["overhead_ratio"] = sim / result["bound_round_seconds"]
+            result["overhead_ratio_2proc"] = sim / result[f"bound{BOUND_PROCESSES}_round_seconds"]
         result["parallel_efficiency"] = parallel_efficiency(result)
     result["machine"] = machine()
     if out:
@@ -78,9 +122,12 @@ def bench(name: str, overrides: list[str], out: str | None, bound: bool) -> dict
 ROWS = [
     ("clients_per_round", "clients/round", "{:d}"),
     ("num_clients", "registered", "{:d}"),
+    ("execution", "execution", "{}"),
     ("sim_round_seconds", "sim round (s)", "{:.2f}"),
     ("bound_round_seconds", "bound round (s)", "{:.2f}"),
     ("overhead_ratio", "overhead ratio", "{:.3f}"),
+    ("bound2_round_seconds", "2-process bound (s)", "{:.2f}"),
+    ("overhead_ratio_2proc", "vs 2-process bound", "{:.3f}"),
     ("parallel_efficiency", "slot busy", "{:.0%}"),
     ("startup_seconds", "start-up (s)", "{:.1f}"),
     ("peak_rss_mb", "peak RSS (MB)", "{:.0f}"),
@@ -129,6 +176,56 @@ def bytes_markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resolved_execution(cfg: Any) -> str:
+    """The execution path fedkd-sim takes for this workload (fedkd/cohort.py)."""
+    from fedkd.cohort import resolve_execution
+    from fedkd.compose import to_plain
+
+    plain = to_plain(cfg)
+    mode = resolve_execution(plain)
+    return f"{mode} ({plain['simulation']['cohort_nodes']} nodes)" if mode == "cohort" else mode
+
+
+def clients(out_dir: str) -> list[dict[str, Any]]:
+    """The many-clients workloads, one invocation; prints their ratios."""
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    results = []
+    for name, overrides in CLIENT_WORKLOADS:
+        result = bench(name, overrides, None, bound=True)
+        result["invocation"] = stamp
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        results.append(result)
+    print(clients_markdown(results), end="")
+    return results
+
+
+def clients_markdown(results: list[dict[str, Any]]) -> str:
+    """Each many-clients workload against the 10-client round of the same invocation."""
+    base = {
+        r.get("invocation"): r["sim_round_seconds"]
+        for r in results
+        if r["name"] == "clients-fedavg-n10"
+    }
+    lines = [
+        "| workload | clients/round | registered | execution | sim round (s) "
+        "| vs 10-client round | 2-process bound (s) | vs 2-process bound | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ten = base.get(r.get("invocation"))
+        vs_ten = f"{r['sim_round_seconds'] / ten:.2f}" if ten and "fedavg" in r["name"] else "-"
+        lines.append(
+            f"| {r['name']} | {r['clients_per_round']} | {r['num_clients']} "
+            f"| {r.get('execution', '-')} | {r['sim_round_seconds']:.2f} | {vs_ten} "
+            f"| {_cell(r, 'bound2_round_seconds', '{:.2f}')} "
+            f"| {_cell(r, 'overhead_ratio_2proc', '{:.3f}')} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def payload_name(strategy: Any) -> str:
     """What travels: a codec, or one per direction when they differ."""
     up = strategy.get("codec")
@@ -164,7 +261,8 @@ def summarize(folder: str, out: str | None) -> str:
     results = [json.loads(f.read_text()) for f in files]
     results.sort(key=lambda r: (r["clients_per_round"], r["num_clients"], r["name"]))
     payload = [r for r in results if r["name"].startswith("bytes-")]
-    timed = [r for r in results if not r["name"].startswith("bytes-")]
+    many = [r for r in results if r["name"].startswith("clients-")]
+    timed = [r for r in results if not r["name"].startswith(("bytes-", "clients-"))]
     m = results[0]["machine"]
     lines = [
         "# fedkd benchmarks",
@@ -181,6 +279,16 @@ def summarize(folder: str, out: str | None) -> str:
         " without the bound (`--no-bound`).",
         "",
         markdown(timed),
+        "## Many clients: the same images in 10 to 1,000 clients",
+        "",
+        "`fedkd-bench clients --out-dir docs/bench` (one invocation: every ratio below"
+        " compares rounds measured minutes apart on the same machine). FedAvg, 48,000"
+        " private IID images per round cut into N clients; `vs 10-client round` is the"
+        " simulator's round over the 10-client round of the same invocation;"
+        " `2-process bound` runs the same clients without Flower or Ray on 2 processes"
+        " of one torch thread.",
+        "",
+        clients_markdown(many) if many else "(no many-clients workloads)\n",
         "## Bytes on the wire",
         "",
         "Measured from the ArrayRecords of steady-state rounds (soft labels travel both"
@@ -202,6 +310,13 @@ def summarize(folder: str, out: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["clients"]:
+        p = argparse.ArgumentParser(prog=f"{PROG} clients")
+        p.add_argument("--out-dir", default="docs/bench")
+        args = p.parse_args(argv[1:])
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        run_cli(PROG, lambda: clients(args.out_dir))
+        return
     if argv[:1] == ["summarize"]:
         p = argparse.ArgumentParser(prog=f"{PROG} summarize")
         p.add_argument("folder")

@@ -98,9 +98,11 @@ def run_simulator(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     }
 
 
-def run_bound(config_path: Path, work_dir: Path) -> dict[str, Any]:
-    """The same rounds, sequential, in this process, torch on every core: the round
-    loop with the client function called directly (no engine, no messages)."""
+def run_bound(config_path: Path, work_dir: Path, processes: int = 1) -> dict[str, Any]:
+    """The same rounds without the simulation engine: the round loop with the client
+    function called directly. `processes=1`: in this process, torch on every core;
+    more: the round's clients split over that many worker processes of one torch
+    thread each, in groups as cohorts are (the tighter bound on a few cores)."""
     import resource
 
     import torch
@@ -117,15 +119,66 @@ def run_bound(config_path: Path, work_dir: Path) -> dict[str, Any]:
     state = build_server_state(cfg, "cpu")
     state.population = list(range(state.cfg.num_clients))
     rows = RowList()
-    run_rounds(state, DirectTransport(lambda pid, content: client_reply(cfg, pid, content)), rows)
+    prefix = "bound" if processes == 1 else f"bound{processes}"
+    if processes == 1:
+        transport: Any = DirectTransport(lambda pid, content: client_reply(cfg, pid, content))
+        run_rounds(state, transport, rows)
+    else:
+        with PoolTransport(cfg, processes) as transport:
+            run_rounds(state, transport, rows)
     times = [r["wall_seconds"] for r in rows]
     return {
-        "bound_round_seconds": steady(times),
-        "bound_first_round_seconds": times[0],
-        "bound_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "bound_teacher_accuracy": [r.get("teacher_accuracy") for r in rows],
-        "bound_torch_threads": torch.get_num_threads(),
+        f"{prefix}_round_seconds": steady(times),
+        f"{prefix}_first_round_seconds": times[0],
+        f"{prefix}_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        f"{prefix}_teacher_accuracy": [r.get("teacher_accuracy") for r in rows],
+        f"{prefix}_torch_threads": torch.get_num_threads() if processes == 1 else 1,
     }
+
+
+_WORKER_CFG: dict[str, Any] = {}
+
+
+def _init_worker(cfg: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER_CFG.update(cfg)
+
+
+def _serve_group(group: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    from fedkd.local_round import client_reply
+
+    memo: dict = {}  # the group's clients decode the broadcast once, as a cohort's do
+    return [(pid, client_reply(_WORKER_CFG, pid, content, memo)) for pid, content in group]
+
+
+class PoolTransport:
+    """The client function in `processes` worker processes (1 torch thread each); a
+    round's clients go out in groups of partitions, 4 groups per process."""
+
+    def __init__(self, cfg: dict[str, Any], processes: int) -> None:
+        import multiprocessing
+
+        self.processes = processes
+        ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+        self.pool = ctx.Pool(processes, initializer=_init_worker, initargs=(cfg,))
+
+    def exchange(self, rnd: int, downloads: list[tuple[int, Any]]) -> list[Any]:
+        from fedkd.cohort import NODES_PER_SLOT
+        from fedkd.tally import Reply
+
+        n = max(1, min(len(downloads), NODES_PER_SLOT * self.processes))
+        groups = [[d for d in downloads if d[0] % n == k] for k in range(n)]
+        out = self.pool.map(_serve_group, [g for g in groups if g], chunksize=1)
+        return [Reply(pid, pid, content) for group in out for pid, content in group]
+
+    def __enter__(self) -> PoolTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.close()
+        self.pool.join()
 
 
 class RowList(list):

@@ -156,8 +156,9 @@ class Strategy:
         """ArrayRecords sent to every sampled client this round (teacher knowledge)."""
         return {}
 
-    def check_payload(self, r: Round, content: RecordDict) -> ArrayRecord | None:
-        """Validate a reply's arrays; raise InvalidReply. Returns what to aggregate."""
+    def check_payload(self, r: Round, content: RecordDict) -> Any:
+        """Validate a reply's arrays; raise InvalidReply. Returns what to aggregate
+        (`ClientReply.arrays`): the record, or what checking it decoded."""
         return None
 
     def payload_bytes_bound(self, r: Round) -> int:

@@ -111,7 +111,8 @@ class FedAvg(Strategy):
     def broadcast(self, r: Round) -> dict[str, ArrayRecord]:
         return {WEIGHTS: ArrayRecord(cpu_state(self.model))}
 
-    def check_payload(self, r: Round, content: RecordDict) -> ArrayRecord:
+    def check_payload(self, r: Round, content: RecordDict) -> dict[str, torch.Tensor]:
+        """The reply's weights, decoded once here and aggregated as they are."""
         record = content.array_records.get(WEIGHTS)
         if record is None:
             raise InvalidReply(f"no ArrayRecord {WEIGHTS!r}")
@@ -119,15 +120,18 @@ class FedAvg(Strategy):
         if set(record.keys()) != set(reference):
             raise InvalidReply("weights do not match the global model's parameter names")
         distance = 0.0
+        state = {}
         for key, ref in reference.items():
             arr = check_array(record, key, tuple(ref.shape), ref.numpy().dtype)
-            if ref.is_floating_point():
-                distance += float(((torch.from_numpy(arr).double() - ref.double()) ** 2).sum())
+            state[key] = torch.from_numpy(arr)
+            if ref.is_floating_point():  # squared L2 in float64, as the bound is
+                step = (state[key] - ref).flatten()
+                distance += float(torch.linalg.vector_norm(step, dtype=torch.float64)) ** 2
         if distance**0.5 > bound:
             raise InvalidReply(
                 f"weights {distance**0.5:.3g} from the broadcast model (> {bound:.3g})"
             )
-        return record
+        return state
 
     def broadcast_reference(self, r: Round) -> tuple[dict[str, torch.Tensor], float]:
         """The weights broadcast in round r (aggregation comes after every check) and
@@ -144,7 +148,7 @@ class FedAvg(Strategy):
         return ArrayRecord(self.broadcast_reference(r)[0]).count_bytes()
 
     def average(self, replies: list[ClientReply]) -> dict[str, torch.Tensor]:
-        states = [r.arrays.to_torch_state_dict() for r in replies]
+        states = [r.arrays for r in replies]  # decoded by check_payload
         if self.p.robust:
             averaged = robust_weights(states, self.p)
         else:

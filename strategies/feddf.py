@@ -54,7 +54,7 @@ class FedDF(FedAvg):
         scratch = copy.deepcopy(self.model)
         outs = []
         for r in replies:
-            scratch.load_state_dict(r.arrays.to_torch_state_dict())
+            scratch.load_state_dict(r.arrays)  # decoded by FedAvg.check_payload
             outs.append(predict_logits(scratch, x, device=self.device))
         return mean_logits(torch.stack(outs))
 

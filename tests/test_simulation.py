@@ -55,6 +55,30 @@ def test_dsfl_run_writes_every_output_and_is_deterministic(tmp_path):
     assert "2/2" in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
 
 
+def test_cohort_execution_gives_the_per_client_numbers_and_is_deterministic(tmp_path):
+    """fedkd/cohort.py: 6 clients on 2 simulated nodes, dsfl and fedavg; the same
+    metrics as a node per client, and the same on a second cohort run."""
+    tiny = [a for a in TINY if not a.startswith(("num_clients", "clients_per_round"))]
+    args = [*tiny, "num_clients=6", "clients_per_round=4", "simulation.cohort_nodes=2"]
+    for name, mode in (("cohort", "cohort"), ("again", "cohort"), ("single", "per_client")):
+        sweep = tmp_path / name
+        fedkd_sim(
+            "-m",
+            *args,
+            "strategy=dsfl,fedavg",
+            f"simulation.execution={mode}",
+            f"hydra.sweep.dir={sweep}",
+            timeout=600,
+        )
+    for strategy in ("dsfl", "fedavg"):
+        runs = [next((tmp_path / n).glob(f"*_{strategy}_*")) for n in ("cohort", "again", "single")]
+        rows = [without_timing(read_metrics(r)) for r in runs]
+        assert rows[0] == rows[1] == rows[2]
+        assert [r["replies"] for r in rows[0]] == [4, 4]
+        executions = [json.loads((r / "summary.json").read_text())["execution"] for r in runs]
+        assert executions == ["cohort", "cohort", "per_client"]
+
+
 def test_every_strategy_runs_in_one_multirun(tmp_path):
     fedkd_sim(
         "-m",

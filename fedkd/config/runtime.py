@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
 
 
+EXECUTIONS = ["auto", "cohort", "per_client"]
+
+
 @dataclass
 class SimulationConfig:
     num_cpus: int = 1  # per client (Ray resources); also torch threads per client
@@ -22,6 +25,10 @@ class SimulationConfig:
     keep_client_state: bool = True
     fast_dispatch: bool = True  # fedkd/flower_patches.py: O(messages) delivery, 10 ms polling
     verbose: bool = False  # show Flower's and Ray's own logs
+    # fedkd/cohort.py: per_client (a node and a message per client) | cohort (a node
+    # serves a group of partitions, one message per node and round) | auto
+    execution: str = "auto"
+    cohort_nodes: int | None = None  # cohort: simulated nodes (null: 4 per client slot)
 
     def check(self) -> None:
         require(self.num_cpus >= 1, "simulation.num_cpus", self.num_cpus, "a whole number >= 1")
@@ -35,6 +42,15 @@ class SimulationConfig:
         )
         require(
             self.register_timeout > 0, "simulation.register_timeout", self.register_timeout, "> 0"
+        )
+        require(
+            self.execution in EXECUTIONS, "simulation.execution", self.execution, one_of(EXECUTIONS)
+        )
+        require(
+            self.cohort_nodes is None or self.cohort_nodes >= 1,
+            "simulation.cohort_nodes",
+            self.cohort_nodes,
+            "null (4 per client slot) or a whole number >= 1",
         )
         require(
             self.round_timeout is None or self.round_timeout > 0,

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 
 from fedkd.comm.codecs import recode
 from fedkd.privacy.noise import DPNoise
@@ -49,9 +49,19 @@ def noisy_mean(
     return (total + noise.normal(total.shape, std)) / k
 
 
+def clip_reply(plan: RoundPlan, content: RecordDict, clip_norm: float, num_classes: int) -> None:
+    """Centre and clip the rows of a train reply's logits, in place (what leaves)."""
+    records = content.array_records
+    if plan.reply != REPLY_LOGITS or KNOWLEDGE not in records:
+        return
+    shape = (plan.proxy_count, num_classes)
+    records[KNOWLEDGE] = recode(
+        records[KNOWLEDGE], plan.codec, shape, lambda v: private_rows(v, clip_norm)
+    )
+
+
 def clip_upload_mod(clip_norm: float, num_classes: Callable[[], int]) -> Callable:
-    """A Flower mod: centre and clip the rows of the train reply's logits before
-    they leave.
+    """A Flower mod: `clip_reply` on the train reply before it leaves.
     `num_classes` is asked on the worker, where the client's data is loaded."""
 
     def mod(msg: Message, context: Context, call_next: Callable) -> Message:
@@ -59,13 +69,7 @@ def clip_upload_mod(clip_norm: float, num_classes: Callable[[], int]) -> Callabl
         if reply.has_error():
             return reply
         plan = RoundPlan.from_record(msg.content.config_records[CONFIG])
-        records = reply.content.array_records
-        if plan.reply != REPLY_LOGITS or KNOWLEDGE not in records:
-            return reply
-        shape = (plan.proxy_count, num_classes())
-        records[KNOWLEDGE] = recode(
-            records[KNOWLEDGE], plan.codec, shape, lambda v: private_rows(v, clip_norm)
-        )
+        clip_reply(plan, reply.content, clip_norm, num_classes())
         return reply
 
     return mod
