@@ -194,7 +194,9 @@ def starting_student(
     (`ClientRuntime.blank`): the numbers are the same, the cost is a copy."""
     cfg, data = runtime.cfg, runtime.data
     new = "model" not in state and JOINED not in state
-    if new and (weights is None or data.stream.lifelong):  # its initial weights are used
+    initial_weights_used = new and (weights is None or data.stream.lifelong)
+    # DP-SGD wraps the model in Opacus' hooks: a fresh module each round, always
+    if initial_weights_used or cfg.privacy.mode == "sample":
         student = new_student(cfg, data, pid)
     else:
         student = runtime.blank(cfg.model.student_of(pid), lambda: new_student(cfg, data, pid))
