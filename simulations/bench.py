@@ -261,15 +261,22 @@ def summarize(folder: str, out: str | None) -> str:
     results = [json.loads(f.read_text()) for f in files]
     results.sort(key=lambda r: (r["clients_per_round"], r["num_clients"], r["name"]))
     payload = [r for r in results if r["name"].startswith("bytes-")]
-    many = [r for r in results if r["name"].startswith("clients-")]
+    order = [name for name, _ in CLIENT_WORKLOADS]
+    many = sorted(
+        (r for r in results if r["name"].startswith("clients-")),
+        key=lambda r: order.index(r["name"]) if r["name"] in order else len(order),
+    )
     timed = [r for r in results if not r["name"].startswith(("bytes-", "clients-"))]
     m = results[0]["machine"]
+    dates = sorted(r["machine"]["date"] for r in results)
     lines = [
         "# fedkd benchmarks",
         "",
         f"Written by `{PROG} summarize {folder}` from one JSON per workload (`make bench`).",
         f"Machine: {m['cpu']}, {m['cpu_count']} CPUs; Python {m['python']}, torch {m['torch']},",
-        f"flwr {m['flwr']}, ray {m['ray']}; {m['date']}. Times are steady-state rounds"
+        f"flwr {m['flwr']}, ray {m['ray']}; measured {dates[0]} to {dates[-1]} (each"
+        " workload's JSON has its date; rows without an `execution` predate cohorts and"
+        " ran a node per client). Times are steady-state rounds"
         " (round 1 excluded); `overhead ratio` = simulator round / compute-bound round;"
         " `slot busy` = summed client compute / (client slots x client phase of the round).",
         "",
