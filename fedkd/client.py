@@ -16,7 +16,7 @@ from fedkd.admission import sign_claim
 from fedkd.cohort import COHORT, node_partitions, pack_replies, unpack_downloads
 from fedkd.comm.codecs import recode
 from fedkd.config import typed
-from fedkd.local_round import client_reply, client_runtime
+from fedkd.local_round import client_reply, client_runtime, decoded
 from fedkd.privacy.release import shard_size
 from fedkd.privacy.upload import clip_reply, clip_upload_mod
 from fedkd.protocol import CONFIG, INFO, KNOWLEDGE, METRICS, REPLY_LOGITS, WEIGHTS, RoundPlan
@@ -80,7 +80,8 @@ def serve_client(
 ) -> RecordDict:
     """One client's round with its injected faults, whichever path carried it;
     `memo` shares decoded broadcast records between the clients of one cohort."""
-    plan = RoundPlan.from_record(download.config_records[CONFIG])
+    memo = {} if memo is None else memo
+    plan = decoded(memo, download.config_records[CONFIG], RoundPlan.from_record)
     runtime = client_runtime(plain)
     faults.before_round(runtime.cfg, plan.round, pid)  # an injected crash or stall, if any
     content = client_reply(plain, pid, download, memo)
@@ -140,7 +141,7 @@ def handle_cohort_train(plain: dict[str, Any], message: Message, context: Contex
                 raise ValueError(f"partition {pid} is not served by this node")
             content = serve_client(plain, pid, download, memo)
             if privacy.mode == "client":  # what the per-client path's mod does
-                plan = RoundPlan.from_record(download.config_records[CONFIG])
+                plan = decoded(memo, download.config_records[CONFIG], RoundPlan.from_record)
                 classes = client_runtime(plain).data.num_classes
                 clip_reply(plan, content, privacy.clip_norm, classes)
             results.append((pid, content))

@@ -96,12 +96,20 @@ def _runtime(cfg_key: str) -> ClientRuntime:
     return ClientRuntime(cfg, data, store, device, build_mitigation(cfg), info=worker_info())
 
 
+_LAST: list[Any] = [None, None]  # (plain config, its runtime): the same dict every call
+
+
 def client_runtime(plain: dict[str, Any]) -> ClientRuntime:
-    """This process's runtime for the plain config, built on the first call."""
+    """This process's runtime for the plain config, built on the first call (a
+    ClientApp passes the same dict every time; keying it costs a JSON dump)."""
+    if _LAST[0] is plain:
+        return _LAST[1]
     from fedkd.registry import import_plugins
 
     import_plugins(plain.get("plugins") or [])  # before the mitigation is looked up
-    return _runtime(json.dumps(plain, sort_keys=True))
+    runtime = _runtime(json.dumps(plain, sort_keys=True))
+    _LAST[:] = [plain, runtime]
+    return runtime
 
 
 def new_student(cfg: FedKDConfig | dict, data: FederatedData, partition_id: int) -> nn.Module:
@@ -213,9 +221,9 @@ def client_reply(
     started = time.perf_counter()
     runtime = client_runtime(plain)
     cfg, data = runtime.cfg, runtime.data
-    plan = RoundPlan.from_record(download.config_records[CONFIG])
-    arrays = download.array_records
     memo = {} if memo is None else memo
+    plan = decoded(memo, download.config_records[CONFIG], RoundPlan.from_record)
+    arrays = download.array_records
 
     state = runtime.store.load(pid, before_round=plan.round) or {}
     before = dict(state)
@@ -294,7 +302,7 @@ def weights_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
 def decoded(memo: dict, record: Any, decode_fn: Any, *key: Any) -> Any:
     """`decode_fn(record, *key)`, once per record object in a memo (a cohort's clients
     get the same broadcast record; the memo holds it, so its id stays its own)."""
-    slot = (id(record), *key)
+    slot = (id(record), decode_fn, *key)
     if slot not in memo:
         memo[slot] = (record, decode_fn(record, *key))
     return memo[slot][1]

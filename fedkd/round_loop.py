@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedkd.checkpoint import save_checkpoint
@@ -30,6 +30,7 @@ from fedkd.protocol import (
     REPLY_WEIGHTS,
     TRAIN,
     WEIGHTS,
+    RoundPlan,
 )
 from fedkd.reply_checks import ReplyLimits
 from fedkd.round import Round
@@ -112,12 +113,15 @@ def prepare_round(state: ServerState, rnd: int) -> tuple[Round, list[tuple[int, 
     strategy, mitigation = state.strategy, state.mitigation
     shared = strategy.broadcast(r)
     downloads = []
+    records: dict[RoundPlan, ConfigRecord] = {}  # clients with equal plans share one
     for pid in r.sampled:
         plan = mitigation.adjust_plan(r, pid, strategy.plan(r, pid))
         payload = mitigation.client_payload(r, pid, plan, dict(shared))
         r.plans[pid] = plan
         r.bytes_down += sum(payload_bytes(rec) for rec in payload.values())
-        downloads.append((pid, RecordDict({CONFIG: plan.to_record(), **payload})))
+        if plan not in records:
+            records[plan] = plan.to_record()
+        downloads.append((pid, RecordDict({CONFIG: records[plan], **payload})))
     return r, downloads
 
 

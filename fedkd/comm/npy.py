@@ -38,7 +38,8 @@ def array_from_numpy(values: np.ndarray) -> Array:
     """`Array.from_numpy_ndarray(values)`, the same bytes."""
     if values.dtype.hasobject or (values.flags.f_contiguous and not values.flags.c_contiguous):
         return Array.from_numpy_ndarray(values)  # np.save writes these differently
-    data = npy_header(values.dtype, values.shape) + np.ascontiguousarray(values).tobytes()
+    header = npy_header(values.dtype, values.shape)
+    data = b"".join((header, np.ascontiguousarray(values).data))  # one copy of the values
     return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=NUMPY, data=data)
 
 
