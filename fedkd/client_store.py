@@ -19,7 +19,6 @@ and only the files a store writes.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import re
@@ -57,24 +56,13 @@ class ClientStore:
         self.corrupt = 0  # unreadable state files met (each fell back to the previous)
         self.dropped = 0  # saves of an older round than the one stored (stragglers)
         self._warned: set[tuple[str, int, int]] = set()
-        self._plain: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
     def path(self, partition_id: int, previous: bool = False) -> Path:
         return self.root / f"client_{partition_id:06d}{'.prev' if previous else ''}.pt"
 
     # ------------------------------------------------------------- reading
     def _read(self, path: Path) -> dict[str, Any] | None:
-        """The state in `path`; None if there is none or it cannot be read. A state of
-        plain values (no tensors: e.g. a FedAvg client's, whose model the broadcast
-        replaces) is kept in memory and served again while the file is unchanged."""
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-        kept = self._plain.get(path)
-        if kept is not None and kept[0] == signature:
-            return copy.deepcopy(kept[1])
+        """The state in `path`; None if there is none or it cannot be read."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
@@ -85,8 +73,6 @@ class ClientStore:
         if not isinstance(state, dict):
             self._unreadable(path, f"holds a {type(state).__name__}, not a state")
             return None
-        if is_plain(state):
-            self._plain[path] = (signature, copy.deepcopy(state))
         return state
 
     def _unreadable(self, path: Path, why: str) -> None:
@@ -202,13 +188,6 @@ class ClientStore:
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.root.rmdir()  # only if empty: files of others stay, and so does the folder
-
-
-def is_plain(value: Any) -> bool:
-    """Only numbers, strings, None and dicts of them (no tensors)."""
-    if isinstance(value, dict):
-        return all(isinstance(k, str | int) and is_plain(v) for k, v in value.items())
-    return isinstance(value, int | float | str | bool | type(None))
 
 
 def _round(state: dict[str, Any]) -> int:

@@ -58,9 +58,7 @@ def load_student(run_dir: Path, cfg: dict, data: FederatedData, partition_id: in
     if state is None or "model" not in state:
         raise ExportError(
             f"{run_dir}: no saved student for partition {partition_id} "
-            "(was it ever sampled? is simulation.keep_client_state true? FedAvg and "
-            "FedDF clients keep none, since each round's broadcast replaces it: "
-            "export the server model)"
+            "(was it ever sampled? is simulation.keep_client_state true?)"
         )
     model = new_student(cfg, data, partition_id)
     _load_weights(model, state["model"], store.path(partition_id))

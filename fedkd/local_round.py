@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
-from fedkd.client_store import ClientStore, is_plain
+from fedkd.client_store import ClientStore
 from fedkd.comm.codecs import check, decode, encode
 from fedkd.comm.npy import array_from_numpy
 from fedkd.config import FedKDConfig, typed
@@ -196,7 +196,8 @@ def starting_student(
 ) -> tuple[nn.Module, bool]:
     """The model the client starts its round from, and whether it is new (first round).
 
-    Its own saved student, or the broadcast `weights`, or a seeded new one. Building a
+    Its own saved student, or the broadcast `weights` (loaded by the caller), or a
+    seeded new one. Building a
     model with its seeded initialisation costs milliseconds, so a client whose
     weights come from elsewhere reuses a blank module of the architecture instead
     (`ClientRuntime.blank`): the numbers are the same, the cost is a copy."""
@@ -208,7 +209,7 @@ def starting_student(
         student = new_student(cfg, data, pid)
     else:
         student = runtime.blank(cfg.model.student_of(pid), lambda: new_student(cfg, data, pid))
-    if "model" in state:
+    if "model" in state and weights is None:  # broadcast weights replace it anyway
         student.load_state_dict(state["model"])
     return student, new
 
@@ -226,7 +227,6 @@ def client_reply(
     arrays = download.array_records
 
     state = runtime.store.load(pid, before_round=plan.round) or {}
-    before = dict(state)
     weights = (
         decoded(memo, arrays[WEIGHTS], ArrayRecord.to_torch_state_dict)
         if WEIGHTS in arrays
@@ -281,12 +281,10 @@ def client_reply(
     elif plan.reply == REPLY_WEIGHTS:
         content[WEIGHTS] = weights_record(on_device(student, "cpu").state_dict())
     state.setdefault(JOINED, plan.round)
-    if weights is None:  # the next round starts from this student
-        state["model"] = on_device(student, "cpu").state_dict()
-    else:  # the next round's broadcast replaces it: no need to keep it
-        state.pop("model", None)
-    if not same_plain_state(before, state):  # nothing new: no write
-        runtime.store.save(pid, state, plan.round)
+    # kept even when the next broadcast replaces it: fedkd-export and fedkd-audit
+    # read a client's latest student (the weights the server saw)
+    state["model"] = on_device(student, "cpu").state_dict()
+    runtime.store.save(pid, state, plan.round)
     metrics["compute-seconds"] = time.perf_counter() - started
     # under DP, only what the accountant covers leaves the client (fedkd/privacy/release.py)
     content[METRICS] = MetricRecord(releasable(cfg.privacy.mode, metrics))
@@ -306,12 +304,6 @@ def decoded(memo: dict, record: Any, decode_fn: Any, *key: Any) -> Any:
     if slot not in memo:
         memo[slot] = (record, decode_fn(record, *key))
     return memo[slot][1]
-
-
-def same_plain_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """True if two states are equal and hold only plain values (no tensors, which
-    `==` cannot compare as a whole): then saving `b` over `a` would change nothing."""
-    return is_plain(a) and is_plain(b) and a == b
 
 
 def train_private(

@@ -186,13 +186,22 @@ def resolved_execution(cfg: Any) -> str:
     return f"{mode} ({plain['simulation']['cohort_nodes']} nodes)" if mode == "cohort" else mode
 
 
-def clients(out_dir: str) -> list[dict[str, Any]]:
-    """The many-clients workloads, one invocation; prints their ratios."""
+def clients(out_dir: str, only: list[str] | None = None) -> list[dict[str, Any]]:
+    """The many-clients workloads (those named in `only`, else all), one
+    invocation; prints their ratios."""
     import time
 
+    from fedkd.errors import FedKDError
+
+    names = [name for name, _ in CLIENT_WORKLOADS]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise FedKDError(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(names)}")
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     results = []
     for name, overrides in CLIENT_WORKLOADS:
+        if only and name not in only:
+            continue
         result = bench(name, overrides, None, bound=True)
         result["invocation"] = stamp
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -320,9 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["clients"]:
         p = argparse.ArgumentParser(prog=f"{PROG} clients")
         p.add_argument("--out-dir", default="docs/bench")
+        p.add_argument("--only", nargs="*", help="run these workloads only (names)")
         args = p.parse_args(argv[1:])
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-        run_cli(PROG, lambda: clients(args.out_dir))
+        run_cli(PROG, lambda: clients(args.out_dir, args.only))
         return
     if argv[:1] == ["summarize"]:
         p = argparse.ArgumentParser(prog=f"{PROG} summarize")
