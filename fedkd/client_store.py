@@ -56,6 +56,8 @@ class ClientStore:
         self.corrupt = 0  # unreadable state files met (each fell back to the previous)
         self.dropped = 0  # saves of an older round than the one stored (stragglers)
         self._warned: set[tuple[str, int, int]] = set()
+        # path -> (file signature, round) of the states this store read or wrote
+        self._rounds: dict[Path, tuple[tuple[int, int, int], int]] = {}
 
     def path(self, partition_id: int, previous: bool = False) -> Path:
         return self.root / f"client_{partition_id:06d}{'.prev' if previous else ''}.pt"
@@ -64,6 +66,7 @@ class ClientStore:
     def _read(self, path: Path) -> dict[str, Any] | None:
         """The state in `path`; None if there is none or it cannot be read."""
         try:
+            signature = _signature(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             return None
@@ -73,7 +76,20 @@ class ClientStore:
         if not isinstance(state, dict):
             self._unreadable(path, f"holds a {type(state).__name__}, not a state")
             return None
+        self._rounds[path] = (signature, _round(state))
         return state
+
+    def _stored_round(self, path: Path) -> int | None:
+        """The round of the readable state in `path` (None: none), without reading it
+        again when this store read that very file last (a save follows a load)."""
+        try:
+            known = self._rounds.get(path)
+            if known is not None and known[0] == _signature(path):
+                return known[1]
+        except FileNotFoundError:
+            return None
+        state = self._read(path)
+        return None if state is None else _round(state)
 
     def _unreadable(self, path: Path, why: str) -> None:
         """Count it; warn once per file version, not on every later round."""
@@ -120,9 +136,8 @@ class ClientStore:
         A state from an older round than the stored one (a straggler) is dropped."""
         latest = self.path(partition_id)
         with self._locked(partition_id):
-            current = self._read(latest)  # None if missing or unreadable: nothing to keep
-            if current is not None:
-                stored = _round(current)
+            stored = self._stored_round(latest)  # None if missing or unreadable
+            if stored is not None:
                 if stored > rnd:
                     self.dropped += 1
                     log.warning(
@@ -135,6 +150,7 @@ class ClientStore:
                 if stored < rnd:
                     os.replace(latest, self.path(partition_id, previous=True))
             write_atomic(latest, lambda f: torch.save({**state, ROUND: rnd}, f), self.durable)
+            self._rounds[latest] = (_signature(latest), rnd)
 
     # ------------------------------------------------------------- ownership
     def owner(self) -> str | None:
@@ -188,6 +204,12 @@ class ClientStore:
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.root.rmdir()  # only if empty: files of others stay, and so does the folder
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    """Which version of a file this is: an atomic save makes a new inode."""
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _round(state: dict[str, Any]) -> int:
