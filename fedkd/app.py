@@ -149,10 +149,16 @@ def node_cfg(context: Context) -> dict[str, Any]:
     # the noise a device adds to protect its data is secret, whatever the server's
     # config says: replayable noise is for simulation studies only
     cfg["privacy"] = {**cfg["privacy"], "secure_noise": True}
-    cfg["node"] = {"partition-id": node.partition_id}  # a device (fedkd.local_round)
+    # a device (fedkd.local_round: its store is fsynced); the same for every node
+    # without data of its own, so that nodes sharing a process share one runtime
+    cfg["node"] = {"device": True}
     if node.data_path:
-        cfg["node"]["data-path"] = str(Path(node.data_path).expanduser().resolve())
-        cfg["node"]["bundle"] = str(Path(node.bundle).expanduser().resolve())
+        cfg["node"] = {
+            "device": True,
+            "partition-id": node.partition_id,
+            "data-path": str(Path(node.data_path).expanduser().resolve()),
+            "bundle": str(Path(node.bundle).expanduser().resolve()),
+        }
     return cfg
 
 
