@@ -16,7 +16,8 @@ from fedkd.errors import FedKDError
 
 # Keys that may differ between runs of one table: what is being compared, and
 # where each run happened to write its files.
-# (keep_client_state and verbose only decide what is left on disk or printed.)
+# (keep_client_state and verbose only decide what is left on disk or printed; the
+# execution path, cohorts or a node per client, gives the same numbers.)
 VARYING = (
     "strategy",
     "seed",
@@ -24,6 +25,8 @@ VARYING = (
     "simulation.client_state_dir",
     "simulation.keep_client_state",
     "simulation.verbose",
+    "simulation.execution",
+    "simulation.cohort_nodes",
     "output",
 )
 # Of those, what never names a row: the seed, and what follows from the strategy name.
@@ -32,6 +35,8 @@ NOT_LABELS = (
     "simulation.client_state_dir",
     "simulation.keep_client_state",
     "simulation.verbose",
+    "simulation.execution",
+    "simulation.cohort_nodes",
     "strategy.name",
     "strategy._target_",
     "mitigation.name",  # already in the row's name
