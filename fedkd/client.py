@@ -105,7 +105,7 @@ def handle_train(plain: dict[str, Any], message: Message, context: Context) -> M
 # ---------------------------------------------------------------------------- cohorts
 def cohort_of(plain: dict[str, Any], context: Context) -> list[int]:
     """The partitions this simulated node serves (fedkd/cohort.py)."""
-    cfg = typed(plain)
+    cfg = client_runtime(plain).cfg  # typed once per worker, not once per message
     nodes = cfg.simulation.cohort_nodes or 0
     declared = int(context.node_config.get("num-partitions", nodes))
     if declared != nodes:
@@ -132,7 +132,7 @@ def handle_cohort_train(plain: dict[str, Any], message: Message, context: Contex
     """Every client of the node's message, one after the other; a client's error
     is its own reply, the others still answer."""
     owned = set(cohort_of(plain, context))
-    privacy = typed(plain).privacy
+    privacy = client_runtime(plain).cfg.privacy
     memo: dict = {}
     results: list[tuple[int, RecordDict | str]] = []
     for pid, download in unpack_downloads(message.content):

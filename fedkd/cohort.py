@@ -63,8 +63,9 @@ def resolve_execution(plain: dict[str, Any]) -> str:
         "per_client or auto with faults.straggler_prob > 0 (a straggler's delay is per client)",
     )
     if mode == AUTO:
-        mode = COHORT if num_clients >= 2 * nodes and not stragglers else PER_CLIENT
-        if stragglers and num_clients >= 2 * nodes:
+        many = num_clients >= 2 * nodes
+        mode = COHORT if many and not stragglers else PER_CLIENT
+        if many and stragglers:
             log.warning("execution: per client, since faults.straggler_prob > 0")
     sim["execution"], sim["cohort_nodes"] = mode, nodes if mode == COHORT else None
     if mode == COHORT:
@@ -226,8 +227,10 @@ def discover_cohorts(
         node = reply.metadata.src_node_id
         try:
             pids, sizes = _read_cohort_claim(reply, num_clients, proxy_digest)
+            if node in cohorts:
+                raise InvalidReply("it answered twice")
             taken = set(pids) & {p for ps in cohorts.values() for p in ps}
-            if taken or node in cohorts:
+            if taken:
                 raise InvalidReply(f"partitions {sorted(taken)[:5]} are claimed twice")
         except Exception as exc:
             log.warning("node %s failed the cohort handshake and is left out: %s", node, exc)

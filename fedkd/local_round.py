@@ -188,9 +188,6 @@ def train_round(runtime: ClientRuntime, ctx: ClientRound) -> tuple[float, dict[s
     return loss, extras.info
 
 
-JOINED = "joined"  # state key: the round the client first trained in
-
-
 def starting_student(
     runtime: ClientRuntime, pid: int, state: dict[str, Any], weights: dict | None
 ) -> tuple[nn.Module, bool]:
@@ -202,7 +199,7 @@ def starting_student(
     weights come from elsewhere reuses a blank module of the architecture instead
     (`ClientRuntime.blank`): the numbers are the same, the cost is a copy."""
     cfg, data = runtime.cfg, runtime.data
-    new = "model" not in state and JOINED not in state
+    new = "model" not in state  # every round saves the student
     initial_weights_used = new and (weights is None or data.stream.lifelong)
     # DP-SGD wraps the model in Opacus' hooks: a fresh module each round, always
     if initial_weights_used or cfg.privacy.mode == "sample":
@@ -278,12 +275,12 @@ def client_reply(
     if plan.reply == REPLY_LOGITS:
         logits = predict_logits(student, proxy_x, device=runtime.device)
         content[KNOWLEDGE] = encode(logits, plan.codec, LOGITS, kind="logits")
-    elif plan.reply == REPLY_WEIGHTS:
-        content[WEIGHTS] = weights_record(on_device(student, "cpu").state_dict())
-    state.setdefault(JOINED, plan.round)
+    weights_now = on_device(student, "cpu").state_dict()
+    if plan.reply == REPLY_WEIGHTS:
+        content[WEIGHTS] = weights_record(weights_now)
     # kept even when the next broadcast replaces it: fedkd-export and fedkd-audit
     # read a client's latest student (the weights the server saw)
-    state["model"] = on_device(student, "cpu").state_dict()
+    state["model"] = weights_now
     runtime.store.save(pid, state, plan.round)
     metrics["compute-seconds"] = time.perf_counter() - started
     # under DP, only what the accountant covers leaves the client (fedkd/privacy/release.py)
