@@ -183,6 +183,7 @@ def train_round(runtime: ClientRuntime, ctx: ClientRound) -> tuple[float, dict[s
             device=runtime.device,
             private_probs=extras.private_probs,
             private_weight=extras.private_weight,
+            rehearsal=extras.rehearsal,
         )
     ctx.state["task"] = ctx.plan.task
     return loss, extras.info
@@ -254,6 +255,7 @@ def client_reply(
         kd_x=kd_x,
         teacher_probs=teacher_probs,
         generator=torch_generator(cfg.seed, plan.round, pid, "local-train"),
+        arrays=arrays,
     )
     loss, info = train_round(runtime, ctx)
     metrics.update(info)

@@ -2,7 +2,9 @@
 
 Down (message type "train"): a ConfigRecord "config" (`RoundPlan`), and optionally
 an ArrayRecord "teacher" (soft labels on the round's proxy subset) or "weights"
-(a model, for weight-sharing strategies). Proxy *images* never travel: the client
+(a model, for weight-sharing strategies), and in lifelong runs with
+`student_memory` an ArrayRecord "memory" (soft labels on past tasks' proxy items that
+`plan.memory` names). Proxy *images* never travel: the client
 rebuilds the subset from its segments (pool task, seed, count).
 
 Up: a MetricRecord "metrics" (`num-examples`, `train-loss`, `test-accuracy`) and,
@@ -30,6 +32,7 @@ QUERY = "query"
 
 CONFIG = "config"
 TEACHER = "teacher"
+MEMORY = "memory"  # soft labels on past tasks' items a student rehearses (plan.memory)
 WEIGHTS = "weights"
 KNOWLEDGE = "knowledge"
 METRICS = "metrics"
@@ -55,6 +58,10 @@ ROLE_LEARN = "learn"  # CE on the current task + KD toward the teacher on the pr
 ROLE_REVIEW = "review"  # KD only, toward what the federation knew (lifelong review)
 
 
+# RoundPlan fields that travel as several keys: the training's own, and segment lists
+SEGMENTED = ("training", "proxy", "teacher_proxy", "memory")
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """Everything a client needs to know about its work this round."""
@@ -72,6 +79,9 @@ class RoundPlan:
     # the proxy items the teacher's labels are for, when not the round's own (the
     # previous round's consensus, strategy.broadcast=consensus); empty: `proxy`
     teacher_proxy: tuple[ProxySegment, ...] = ()
+    # past tasks' proxy items whose soft labels come in the MEMORY record, for the
+    # student to rehearse (mitigation student_memory); empty: none
+    memory: tuple[ProxySegment, ...] = ()
 
     def teacher_rows(self, n: int) -> np.ndarray:
         """Which of the round's n proxy items the teacher's soft labels are for."""
@@ -80,11 +90,12 @@ class RoundPlan:
     def to_record(self) -> ConfigRecord:
         values: dict = {}
         for f in fields(self):
-            if f.name not in ("proxy", "training", "teacher_proxy"):
+            if f.name not in SEGMENTED:
                 values[_key(f.name)] = getattr(self, f.name)
         for f in fields(LocalTraining):
             values[_key(f.name)] = getattr(self.training, f.name)
-        for prefix, segments in (("proxy", self.proxy), ("teacher-proxy", self.teacher_proxy)):
+        for name in SEGMENTED[1:]:
+            prefix, segments = _key(name), getattr(self, name)
             values[f"{prefix}-tasks"] = [s.task for s in segments]
             values[f"{prefix}-seeds"] = [s.seed for s in segments]
             values[f"{prefix}-counts"] = [s.count for s in segments]
@@ -92,21 +103,19 @@ class RoundPlan:
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundPlan:
-        segmented = ("proxy", "training", "teacher_proxy")
-        values = {f.name: record[_key(f.name)] for f in fields(cls) if f.name not in segmented}
+        values = {f.name: record[_key(f.name)] for f in fields(cls) if f.name not in SEGMENTED}
         values["training"] = LocalTraining(
             **{f.name: record[_key(f.name)] for f in fields(LocalTraining)}
         )
-        for prefix in ("proxy", "teacher-proxy"):
+        for name in SEGMENTED[1:]:
+            prefix = _key(name)
             segments = zip(
                 record[f"{prefix}-tasks"],
                 record[f"{prefix}-seeds"],
                 record[f"{prefix}-counts"],
                 strict=True,
             )
-            values[prefix.replace("-", "_")] = tuple(
-                ProxySegment(int(t), int(s), int(c)) for t, s, c in segments
-            )
+            values[name] = tuple(ProxySegment(int(t), int(s), int(c)) for t, s, c in segments)
         return cls(**values)
 
     @property

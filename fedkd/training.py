@@ -79,6 +79,16 @@ class LocalTraining:
         )
 
 
+@dataclass(frozen=True)
+class Rehearsal:
+    """Public items with remembered soft labels that a student keeps distilling on
+    while it learns a new task (fedkd/mitigations/student_memory.py)."""
+
+    x: torch.Tensor
+    probs: torch.Tensor
+    weight: float
+
+
 def train_student(
     model: nn.Module,
     x: torch.Tensor,
@@ -90,13 +100,15 @@ def train_student(
     device: torch.device | str = "cpu",
     private_probs: torch.Tensor | None = None,
     private_weight: float = 0.0,
+    rehearsal: Rehearsal | None = None,
 ) -> float:
     """CE on private (x, y) plus KD toward `teacher_probs` on `proxy_x`; returns mean loss.
 
     Each step pairs a private batch with a proxy batch, sized so that one epoch
     covers both sets once. Without a teacher this is plain supervised training.
     `private_probs` (soft labels for x, e.g. from the client's previous model, as in
-    LwF) add `private_weight * tau^2 * KL` on the private batch.
+    LwF) add `private_weight * tau^2 * KL` on the private batch; a `rehearsal` adds
+    `rehearsal.weight * tau^2 * KL` on a batch of its items, again one pass per epoch.
     """
     on_device(model, device).train()
     opt = fresh_sgd(model, hp.lr, hp.momentum, hp.weight_decay)
@@ -104,30 +116,42 @@ def train_student(
     steps = max(1, -(-n // hp.batch_size))
     use_kd = teacher_probs is not None and proxy_x is not None and len(proxy_x) > 0
     proxy_bs = -(-len(proxy_x) // steps) if use_kd else 0
+    rehearse = rehearsal is not None and rehearsal.weight > 0 and len(rehearsal.x) > 0
+    rehearse_bs = -(-len(rehearsal.x) // steps) if rehearse else 0
     total, count = 0.0, 0
     for _ in range(hp.epochs):
         order = torch.randperm(n, generator=generator)
         porder = torch.randperm(len(proxy_x), generator=generator) if use_kd else None
+        rorder = torch.randperm(len(rehearsal.x), generator=generator) if rehearse else None
         for s in range(steps):
             idx = order[s * hp.batch_size : (s + 1) * hp.batch_size]
             if len(idx) == 0:
                 continue
             xb, yb = x[idx].to(device), y[idx].to(device)
             pidx = porder[s * proxy_bs : (s + 1) * proxy_bs] if use_kd else None
+            ridx = rorder[s * rehearse_bs : (s + 1) * rehearse_bs] if rehearse else None
+            parts = [xb]
             if pidx is not None and len(pidx) > 0:
-                out = model(torch.cat([xb, proxy_x[pidx].to(device)]))
-                logits = out[: len(idx)]
+                parts.append(proxy_x[pidx].to(device))
+            if ridx is not None and len(ridx) > 0:
+                parts.append(rehearsal.x[ridx].to(device))
+            out = model(torch.cat(parts)) if len(parts) > 1 else model(xb)
+            logits = out[: len(idx)]
+            if pidx is not None and len(pidx) > 0:
                 loss = kd_loss(
                     logits,
                     yb,
                     teacher_probs[pidx].to(device),
                     hp.alpha,
                     hp.temperature,
-                    kd_logits=out[len(idx) :],
+                    kd_logits=out[len(idx) : len(idx) + len(pidx)],
                 )
             else:
-                logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
+            if ridx is not None and len(ridx) > 0:
+                target = rehearsal.probs[ridx].to(device)
+                out_r = out[len(out) - len(ridx) :]
+                loss = loss + rehearsal.weight * distillation_loss(out_r, target, hp.temperature)
             if private_probs is not None and private_weight > 0:
                 target = private_probs[idx].to(device)
                 loss = loss + private_weight * distillation_loss(logits, target, hp.temperature)

@@ -133,3 +133,33 @@ def test_lifelong_run_records_the_accuracy_matrix_and_forgetting(tmp_path):
     assert summary["mitigation"] == "teacher_memory" and summary["num_tasks"] == 2
     for name in ("accuracy_matrix.png", "task_accuracy.png", "student_task_accuracy.png"):
         assert (run / "plots" / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("source", ["bank", "synthetic"])
+def test_student_memory_run_reports_the_students_accuracy_matrix(tmp_path, source):
+    run = tmp_path / source
+    fedkd_sim(
+        *TINY,
+        "rounds=6",
+        "lifelong=class_incremental",
+        "lifelong.num_tasks=3",
+        "lifelong.rounds_per_task=2",
+        "lifelong.proxy=drifting",
+        "partition=iid",
+        "mitigation=student_memory",
+        f"mitigation.source={source}",
+        "mitigation.student_items=20",
+        "mitigation.synthetic_items=40",
+        "mitigation.synthesis_steps=5",
+        f"hydra.run.dir={run}",
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    S = summary["student_accuracy_matrix"]
+    assert len(S) == 3 and all(len(row) == 3 for row in S)
+    assert all(S[i][j] is not None for i in range(3) for j in range(i + 1))  # every seen task
+    assert summary["student_avg_accuracy"] is not None and summary["student_forgetting"] is not None
+    down = [r["bytes_down"] for r in read_metrics(run)]
+    if source == "synthetic":  # 3 clients x 20 inputs (>= 100 values each) + labels, float16
+        assert down[2] - down[1] > 3 * 20 * (100 + 10) * 2 and down[4] > down[2]
+    else:  # the bank costs no bytes
+        assert down[4] - down[1] < 1000

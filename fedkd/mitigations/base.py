@@ -22,7 +22,7 @@ from torch import nn
 
 from fedkd.protocol import ProxySegment, RoundPlan
 from fedkd.registry import Registry
-from fedkd.training import LocalTraining, distill_to_targets
+from fedkd.training import LocalTraining, Rehearsal, distill_to_targets
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
@@ -62,6 +62,7 @@ class ClientRound:
     kd_x: torch.Tensor  # proxy items the teacher's soft labels are for
     teacher_probs: torch.Tensor | None
     generator: torch.Generator
+    arrays: dict[str, ArrayRecord] = field(default_factory=dict)  # the download's records
 
     @property
     def training(self) -> LocalTraining:
@@ -95,6 +96,7 @@ class ClientExtras:
     y: torch.Tensor
     private_probs: torch.Tensor | None = None  # soft labels for x (LwF)
     private_weight: float = 0.0
+    rehearsal: Rehearsal | None = None  # public items to keep distilling on (student_memory)
     info: dict[str, float] = field(default_factory=dict)  # reported in the reply's metrics
 
 

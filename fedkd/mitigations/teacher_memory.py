@@ -65,10 +65,14 @@ class TeacherMemory(Mitigation):
             (seg, soft_labels(strategy.server_model, x, tau, device=strategy.device))
         )
 
+    def memory_inputs(self) -> torch.Tensor:
+        """The remembered items, in memory order: public proxy items of past tasks."""
+        return self.strategy.data.proxy_inputs([seg for seg, _ in self.memory])
+
     def teacher_batch(self, x: torch.Tensor, target: torch.Tensor):
         if not self.memory or self.weight <= 0:
             return x, target, None
-        mem_x = self.strategy.data.proxy_inputs([seg for seg, _ in self.memory])
+        mem_x = self.memory_inputs()
         mem_t = torch.cat([probs for _, probs in self.memory])
         # memory items share `weight` of the total mass, current items the rest
         w_new = torch.full((len(x),), (1 - self.weight) / max(len(x), 1))
