@@ -130,24 +130,35 @@ def table(runs: list[Run], target: float | None = None) -> tuple[str, str]:
 
 
 def figures(runs: list[Run], out_dir: Path) -> list[Path]:
-    """Mean accuracy matrix per group, and forgetting / accuracy per method."""
+    """Mean accuracy matrices per group (server model and students), and forgetting /
+    accuracy per method."""
+    import warnings
+
     import numpy as np
 
     from fedkd.results.plots import plot_accuracy_matrix, plot_method_bars
 
     written = []
     groups = grouped([r for r in runs if r.lifelong])
+    matrices = (  # summary key, file prefix, whose accuracy
+        ("accuracy_matrix", "matrix", "the server model"),
+        ("student_accuracy_matrix", "student_matrix", "the students (mean)"),
+    )
     for name, group in groups.items():
-        mats = [r.summary.get("accuracy_matrix") for r in group if r.summary.get("accuracy_matrix")]
-        if not mats:
-            continue
-        arr = np.array(
-            [[[np.nan if v is None else v for v in row] for row in m] for m in mats], float
-        )
-        mean = np.nanmean(arr, axis=0).tolist()
-        path = out_dir / f"matrix_{name.replace(' + ', '_')}.png"
-        plot_accuracy_matrix(mean, path, f"{name}: R of the server model (%), {len(mats)} seed(s)")
-        written.append(path)
+        for key, prefix, whose in matrices:
+            mats = [r.summary[key] for r in group if r.summary.get(key)]
+            if not mats:
+                continue
+            arr = np.array(
+                [[[np.nan if v is None else v for v in row] for row in m] for m in mats], float
+            )
+            with warnings.catch_warnings():  # cells of tasks not yet seen: all None
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(arr, axis=0).tolist()
+            slug = name.replace(" + ", "_").replace(" ", "_").replace("=", "-")
+            path = out_dir / f"{prefix}_{slug}.png"
+            plot_accuracy_matrix(mean, path, f"{name}: R of {whose} (%), {len(mats)} seed(s)")
+            written.append(path)
     if groups:
         bars = {
             key: {n: _stats([r.summary.get(key) for r in g]) for n, g in groups.items()}

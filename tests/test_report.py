@@ -151,3 +151,19 @@ def test_a_setting_added_later_takes_its_default_in_older_runs(tmp_path):
     assert len(rows) == 2
     assert rows[0].startswith("| dsfl download_size=10 | 1 |")
     assert rows[1].startswith("| dsfl download_size=None | 2 |") and "81.0 ± 1.4" in rows[1]
+
+
+def test_lifelong_runs_get_server_and_student_accuracy_matrices(tmp_path):
+    for seed in (0, 1):
+        run = make_run(tmp_path / "runs", f"s{seed}", "dsfl", seed, 0.8)
+        summary = json.loads((run / "summary.json").read_text())
+        summary |= {
+            "num_tasks": 2,
+            "mitigation": "student_memory",
+            "accuracy_matrix": [[0.9, None], [0.8, 0.9]],
+            "student_accuracy_matrix": [[0.7, None], [0.5 + 0.1 * seed, 0.8]],
+        }
+        (run / "summary.json").write_text(json.dumps(summary))
+    report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    for name in ("matrix_dsfl_student_memory.png", "student_matrix_dsfl_student_memory.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
