@@ -248,6 +248,11 @@ def test_student_memory_client_rehearses_the_broadcast_labels(plain_cfg):
     bad = {MEMORY: encode(torch.full((5, 10), 0.1), "float16", SOFT_LABELS, kind="probs")}
     with pytest.raises(ValueError, match="malformed memory soft labels"):
         train_with(app, 0, 3, 1, bad, memory=(seg,))
+    huge = ProxySegment(0, 11, 10**9)  # a hostile server cannot make a client build it
+    with pytest.raises(ValueError, match="expected 1 to 12 each"):
+        train_with(app, 0, 3, 1, labels, memory=(huge,))
+    with pytest.raises(ValueError, match="expected distinct tasks"):
+        train_with(app, 0, 3, 1, labels, memory=(seg, seg))
 
 
 def test_student_memory_bank_keeps_the_last_labels_of_the_task_left(plain_cfg):

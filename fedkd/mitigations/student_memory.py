@@ -11,7 +11,7 @@ and their labels come from is `source`:
 - `bank`: each client keeps `student_items` public items of every past task with the
   teacher's soft labels it received on them in its last round of that task (public
   data and labels it already had). No extra bytes; the bank lives in the client's
-  store (float16, about 3 KB per item and task on Fashion-MNIST).
+  store (float16 images and labels: about 1.6 KB per Fashion-MNIST item).
 - `broadcast`: each round the server sends the current teacher's soft labels on
   `student_items` freshly sampled public items of every past task (a record
   "memory"; the plan names the items, the client rebuilds them from its public
@@ -252,6 +252,7 @@ class StudentMemory(TeacherMemory):
             return None
         try:
             if self.params.source == "broadcast":
+                self._check_segments(plan.memory, data.stream.num_tasks)
                 x = data.proxy_inputs(list(plan.memory))
             else:
                 inputs = ctx.arrays.get(MEMORY_INPUTS, ArrayRecord())
@@ -261,6 +262,16 @@ class StudentMemory(TeacherMemory):
         except InvalidReply as exc:
             raise ValueError(f"malformed memory soft labels from the server: {exc}") from None
         return x, decode(record, SOFT_LABELS, plan.teacher_codec, shape, "probs")
+
+    def _check_segments(self, segments: tuple[ProxySegment, ...], num_tasks: int) -> None:
+        """At most one segment per other task, each of at most student_items items."""
+        most = self.params.student_items
+        tasks = [seg.task for seg in segments]
+        if len(set(tasks)) != len(tasks) or not all(0 <= t < num_tasks for t in tasks):
+            raise InvalidReply(f"memory names tasks {tasks}; expected distinct tasks < {num_tasks}")
+        if not all(1 <= seg.count <= most for seg in segments):
+            counts = [seg.count for seg in segments]
+            raise InvalidReply(f"memory segments of {counts} items; expected 1 to {most} each")
 
     def _synthetic_inputs(
         self, record: ArrayRecord, input_shape: tuple[int, ...], num_tasks: int
