@@ -106,7 +106,16 @@ def context(pid):
     )
 
 
-def train_call(app, cfg, pid, rnd, task):
+# a client's local update in these tests (momentum and KD as a learner's)
+LEARN = LocalTraining(
+    epochs=1, batch_size=16, lr=0.05, momentum=0.9, weight_decay=0.0, alpha=0.9, temperature=3.0
+)
+# the rehearsal tests: more steps, no momentum, KD at T = 1
+REHEARSE = LocalTraining(epochs=2, batch_size=16, lr=0.05, momentum=0.0, alpha=0.9, temperature=1.0)
+
+
+def train_with(app, pid, rnd, task, arrays=None, memory=(), training=LEARN):
+    """A client's round at `task` with a download of `arrays` (and plan.memory)."""
     plan = RoundPlan(
         round=rnd,
         task=task,
@@ -114,17 +123,11 @@ def train_call(app, cfg, pid, rnd, task):
         reply="logits",
         proxy=(ProxySegment(task, 3, 30),),
         codec="float16",
-        training=LocalTraining(
-            epochs=1,
-            batch_size=16,
-            lr=0.05,
-            momentum=0.9,
-            weight_decay=0.0,
-            alpha=0.9,
-            temperature=3.0,
-        ),
+        training=training,
+        memory=memory,
     )
-    msg = Message(RecordDict({CONFIG: plan.to_record()}), dst_node_id=10 + pid, message_type=TRAIN)
+    content = RecordDict({CONFIG: plan.to_record(), **(arrays or {})})
+    msg = Message(content, dst_node_id=10 + pid, message_type=TRAIN)
     return app(msg, context(pid))
 
 
@@ -132,11 +135,11 @@ def test_client_lwf_freezes_the_previous_student_at_a_task_switch(plain_cfg):
     cfg = plain_cfg(*LIFELONG, "mitigation=client_lwf")
     app = build_client_app(cfg)
     store = client_runtime(cfg).store
-    first = train_call(app, cfg, 0, 1, 0)
+    first = train_with(app, 0, 1, 0)
     assert "initial-task-accuracy" in first.content.metric_records[METRICS]
     after_task0 = store.load(0)["model"]
     assert "prev_model" not in store.load(0)
-    train_call(app, cfg, 0, 2, 1)
+    train_with(app, 0, 2, 1)
     state = store.load(0)
     assert all(torch.equal(state["prev_model"][k], v) for k, v in after_task0.items())
     assert state["task"] == 1
@@ -146,8 +149,8 @@ def test_replay_keeps_exemplars_of_the_task_left_behind(plain_cfg):
     cfg = plain_cfg(*LIFELONG, "mitigation=replay", "mitigation.replay_size=7")
     app = build_client_app(cfg)
     store = client_runtime(cfg).store
-    train_call(app, cfg, 1, 1, 0)
-    reply = train_call(app, cfg, 1, 2, 1)
+    train_with(app, 1, 1, 0)
+    reply = train_with(app, 1, 2, 1)
     assert reply.content.metric_records[METRICS]["replay-samples"] == 7
     rows = store.load(1)["replay"]["0"].numpy()
     assert set(rows.tolist()) <= set(client_runtime(cfg).data.task_shards[0][1].tolist())
@@ -175,25 +178,6 @@ def test_mitigations_that_do_not_fit_a_strategy_are_refused(tiny_cfg, overrides)
 
 # ------------------------------------------------------------- student_memory
 STUDENT_MEMORY = ("mitigation=student_memory", "mitigation.student_items=12")
-
-
-def train_with(app, pid, rnd, task, arrays=None, memory=()):
-    """A client's round at `task` with a download of `arrays` (and plan.memory)."""
-    plan = RoundPlan(
-        round=rnd,
-        task=task,
-        role="learn",
-        reply="logits",
-        proxy=(ProxySegment(task, 3, 30),),
-        codec="float16",
-        training=LocalTraining(
-            epochs=2, batch_size=16, lr=0.05, momentum=0.0, alpha=0.9, temperature=1.0
-        ),
-        memory=memory,
-    )
-    content = RecordDict({CONFIG: plan.to_record(), **(arrays or {})})
-    msg = Message(content, dst_node_id=10 + pid, message_type=TRAIN)
-    return app(msg, context(pid))
 
 
 def test_student_memory_broadcasts_the_teachers_labels_on_past_items(plain_cfg):
@@ -232,7 +216,7 @@ def test_student_memory_client_rehearses_the_broadcast_labels(plain_cfg):
     target = torch.zeros(12, 10)
     target[:, 7] = 1.0  # every remembered item "is" class 7
     labels = {MEMORY: encode(target, "float16", SOFT_LABELS, kind="probs")}
-    reply = train_with(app, 0, 2, 1, labels, memory=(seg,))
+    reply = train_with(app, 0, 2, 1, labels, memory=(seg,), training=REHEARSE)
     assert reply.content.metric_records[METRICS]["memory-items"] == 12
     student = client_runtime(cfg).store.load(0)["model"]
     model = new_student(cfg, data, 0)
@@ -240,7 +224,7 @@ def test_student_memory_client_rehearses_the_broadcast_labels(plain_cfg):
     with torch.no_grad():
         toward = torch.softmax(model.eval()(x), 1)[:, 7].mean()
     client_runtime(cfg).store.clear()
-    train_with(app, 0, 2, 1)  # the same round without the memory
+    train_with(app, 0, 2, 1, training=REHEARSE)  # the same round without the memory
     model.load_state_dict(client_runtime(cfg).store.load(0)["model"])
     with torch.no_grad():
         without = torch.softmax(model.eval()(x), 1)[:, 7].mean()
