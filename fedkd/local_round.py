@@ -195,10 +195,10 @@ def starting_student(
     """The model the client starts its round from, and whether it is new (first round).
 
     Its own saved student, or the broadcast `weights` (loaded by the caller), or a
-    seeded new one. Building a
-    model with its seeded initialisation costs milliseconds, so a client whose
-    weights come from elsewhere reuses a blank module of the architecture instead
-    (`ClientRuntime.blank`): the numbers are the same, the cost is a copy."""
+    seeded new one. Building a model with its seeded initialisation costs
+    milliseconds, so a client whose weights come from elsewhere reuses a blank module
+    of the architecture instead (`ClientRuntime.blank`): the numbers are the same, the
+    cost is a copy."""
     cfg, data = runtime.cfg, runtime.data
     new = "model" not in state  # every round saves the student
     initial_weights_used = new and (weights is None or data.stream.lifelong)

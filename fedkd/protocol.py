@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedkd.comm.npy import array_to_numpy
-from fedkd.seeding import numpy_rng
+from fedkd.seeding import numpy_rng, sample_rows
 from fedkd.training import LocalTraining
 
 TRAIN = "train"
@@ -58,8 +58,10 @@ ROLE_LEARN = "learn"  # CE on the current task + KD toward the teacher on the pr
 ROLE_REVIEW = "review"  # KD only, toward what the federation knew (lifelong review)
 
 
-# RoundPlan fields that travel as several keys: the training's own, and segment lists
-SEGMENTED = ("training", "proxy", "teacher_proxy", "memory")
+# RoundPlan fields that travel as several keys: segment lists (tasks, seeds, counts),
+# and the training's own fields
+SEGMENTS = ("proxy", "teacher_proxy", "memory")
+SEGMENTED = ("training", *SEGMENTS)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class RoundPlan:
                 values[_key(f.name)] = getattr(self, f.name)
         for f in fields(LocalTraining):
             values[_key(f.name)] = getattr(self.training, f.name)
-        for name in SEGMENTED[1:]:
+        for name in SEGMENTS:
             prefix, segments = _key(name), getattr(self, name)
             values[f"{prefix}-tasks"] = [s.task for s in segments]
             values[f"{prefix}-seeds"] = [s.seed for s in segments]
@@ -107,7 +109,7 @@ class RoundPlan:
         values["training"] = LocalTraining(
             **{f.name: record[_key(f.name)] for f in fields(LocalTraining)}
         )
-        for name in SEGMENTED[1:]:
+        for name in SEGMENTS:
             prefix = _key(name)
             segments = zip(
                 record[f"{prefix}-tasks"],
@@ -125,9 +127,7 @@ class RoundPlan:
 
 def proxy_subset(seed: int, pool_size: int, count: int) -> np.ndarray:
     """Indices into a proxy pool: all of it in order, or a seeded sample."""
-    if count >= pool_size:
-        return np.arange(pool_size)
-    return np.sort(numpy_rng(seed).choice(pool_size, size=count, replace=False))
+    return sample_rows(numpy_rng(seed), pool_size, count)
 
 
 def download_rows(n: int, count: int, seed: int) -> np.ndarray:

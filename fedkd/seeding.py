@@ -33,6 +33,14 @@ def numpy_rng(*keys: Key) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([_as_int(k) for k in keys]))
 
 
+def sample_rows(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
+    """`count` of n row indices, drawn by `rng` and sorted; all of them, in order,
+    when count >= n."""
+    if count >= n:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=count, replace=False))
+
+
 def torch_generator(*keys: Key) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(derive_seed(*keys))

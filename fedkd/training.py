@@ -130,14 +130,16 @@ def train_student(
             xb, yb = x[idx].to(device), y[idx].to(device)
             pidx = porder[s * proxy_bs : (s + 1) * proxy_bs] if use_kd else None
             ridx = rorder[s * rehearse_bs : (s + 1) * rehearse_bs] if rehearse else None
+            kd_step = pidx is not None and len(pidx) > 0
+            rehearse_step = ridx is not None and len(ridx) > 0
             parts = [xb]
-            if pidx is not None and len(pidx) > 0:
+            if kd_step:
                 parts.append(proxy_x[pidx].to(device))
-            if ridx is not None and len(ridx) > 0:
+            if rehearse_step:
                 parts.append(rehearsal.x[ridx].to(device))
             out = model(torch.cat(parts)) if len(parts) > 1 else model(xb)
             logits = out[: len(idx)]
-            if pidx is not None and len(pidx) > 0:
+            if kd_step:
                 loss = kd_loss(
                     logits,
                     yb,
@@ -148,7 +150,7 @@ def train_student(
                 )
             else:
                 loss = F.cross_entropy(logits, yb)
-            if ridx is not None and len(ridx) > 0:
+            if rehearse_step:
                 target = rehearsal.probs[ridx].to(device)
                 out_r = out[len(out) - len(ridx) :]
                 loss = loss + rehearsal.weight * distillation_loss(out_r, target, hp.temperature)

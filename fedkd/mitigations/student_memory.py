@@ -57,7 +57,7 @@ from fedkd.protocol import (
     RoundPlan,
     check_array,
 )
-from fedkd.seeding import derive_seed, numpy_rng, torch_generator
+from fedkd.seeding import derive_seed, numpy_rng, sample_rows, torch_generator
 from fedkd.training import Rehearsal, predict_logits, soft_labels
 
 if TYPE_CHECKING:
@@ -136,9 +136,8 @@ class StudentMemory(TeacherMemory):
         data, teacher, device = strategy.data, strategy.server_model, strategy.device
         # which classes the teacher has learnt here: its predictions on the task's
         # current public items (looked at now, kept nowhere)
-        seg = ProxySegment(task, derive_seed(strategy.seed, task, "teacher-memory"), 0)
-        seg = replace(seg, count=min(self.size, data.proxy_pool_size(task)))
-        predicted = predict_logits(teacher, data.proxy_inputs([seg]), device=device).argmax(1)
+        items = data.proxy_inputs([self.task_segment(task)])
+        predicted = predict_logits(teacher, items, device=device).argmax(1)
         counts = torch.bincount(predicted, minlength=data.num_classes)
         classes = [c for c in range(data.num_classes) if counts[c] >= CLASS_SHARE * len(predicted)]
         hp = Inversion(steps=p.synthesis_steps)
@@ -213,9 +212,9 @@ class StudentMemory(TeacherMemory):
             picks = []
             for t in self._past(plan.task):
                 pool = self.synthetic[t]
-                k = min(self.params.student_items, len(pool))
                 rng = numpy_rng(strategy.seed, t, r.number, "student-memory")
-                picks.append(pool[torch.from_numpy(np.sort(rng.choice(len(pool), k, False)))])
+                rows = sample_rows(rng, len(pool), self.params.student_items)
+                picks.append(pool[torch.from_numpy(rows)])
             if not picks:
                 return {}
             x = torch.cat(picks).half().float()  # as the client will see them
@@ -293,10 +292,8 @@ class StudentMemory(TeacherMemory):
         if ctx.new_task and pending is not None and ctx.previous_task is not None:
             bank[str(ctx.previous_task)] = pending
         if ctx.teacher_probs is not None and len(ctx.kd_x) > 0:
-            n = len(ctx.kd_x)
-            k = min(self.params.student_items, n)
             rng = numpy_rng(ctx.data.seed, ctx.partition_id, ctx.plan.round, "student-bank")
-            rows = torch.from_numpy(np.sort(rng.choice(n, size=k, replace=False)))
+            rows = torch.from_numpy(sample_rows(rng, len(ctx.kd_x), self.params.student_items))
             ctx.state["bank-pending"] = {
                 "x": ctx.kd_x[rows].to(torch.float16),
                 "probs": ctx.teacher_probs[rows].to(torch.float16),

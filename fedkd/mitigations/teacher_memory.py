@@ -54,12 +54,16 @@ class TeacherMemory(Mitigation):
         self.size = params.memory_size
         self.memory: list[tuple[ProxySegment, torch.Tensor]] = []
 
+    def task_segment(self, task: int) -> ProxySegment:
+        """The `memory_size` items of task `task`'s proxy pool the memory is about."""
+        strategy = self.strategy
+        count = min(self.size, strategy.data.proxy_pool_size(task))
+        return ProxySegment(task, derive_seed(strategy.seed, task, "teacher-memory"), count)
+
     def on_task_end(self, task: int) -> None:
         strategy = self.strategy
-        data = strategy.data
-        count = min(self.size, data.proxy_pool_size(task))
-        seg = ProxySegment(task, derive_seed(strategy.seed, task, "teacher-memory"), count)
-        x = data.proxy_inputs([seg])
+        seg = self.task_segment(task)
+        x = strategy.data.proxy_inputs([seg])
         tau = self.cfg.distill.temperature
         self.memory.append(
             (seg, soft_labels(strategy.server_model, x, tau, device=strategy.device))
