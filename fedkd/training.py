@@ -60,6 +60,7 @@ class LocalTraining:
     kd_epochs: int = 1  # sequential
     kd_lr: float = 0.1  # sequential
     kd_batch_size: int = 50  # sequential
+    kd_shuffle: bool = True  # sequential: reshuffle the proxy items every KD epoch
 
     @classmethod
     def from_config(cls, train: TrainConfig, distill: DistillConfig) -> LocalTraining:
@@ -76,6 +77,7 @@ class LocalTraining:
             kd_epochs=distill.client_epochs,
             kd_lr=distill.client_lr,
             kd_batch_size=distill.client_batch_size,
+            kd_shuffle=distill.shuffle,
         )
 
 
@@ -203,18 +205,20 @@ def distill_to_targets(
     device: torch.device | str = "cpu",
     optimizer: torch.optim.Optimizer | None = None,
     weights: torch.Tensor | None = None,
+    shuffle: bool = True,
 ) -> float:
     """Distill `model` on unlabeled `x` toward `target_probs`; returns mean loss.
 
     Adam unless an optimizer is given. `weights` weigh samples (e.g. remembered
-    proxy items against the current ones). This is how the server teacher absorbs
-    the aggregated client knowledge.
+    proxy items against the current ones). `shuffle=False` takes the items in their
+    own order every epoch (the reference DS-FL's unshuffled loaders). This is how
+    the server teacher absorbs the aggregated client knowledge.
     """
     on_device(model, device).train()
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     total, count = 0.0, 0
     for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
+        order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
         for s in range(0, len(x), batch_size):
             idx = order[s : s + batch_size]
             w = None if weights is None else weights[idx].to(device)

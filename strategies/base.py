@@ -204,6 +204,7 @@ class Strategy:
             device=self.device,
             optimizer=optimizer or self.server_optimizer(model),
             weights=w,
+            shuffle=kd.shuffle,
         )
 
     def server_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

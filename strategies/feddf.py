@@ -94,6 +94,7 @@ class FedDF(FedAvg):
                 generator=gen,
                 device=self.device,
                 optimizer=opt,
+                shuffle=kd.shuffle,
             )
             loss = val_loss()
             if loss < best - 1e-6:

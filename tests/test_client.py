@@ -97,9 +97,11 @@ def test_teacher_soft_labels_change_training(plain_cfg):
     assert kd.astype(np.float32).std(1).mean() < plain.astype(np.float32).std(1).mean()
 
 
-def test_sequential_schedule_digests_the_teacher_then_trains(plain_cfg):
+@pytest.mark.parametrize("kd_shuffle", [True, False])
+def test_sequential_schedule_digests_the_teacher_then_trains(plain_cfg, kd_shuffle):
     """sequential: kd_epochs of plain SGD toward the teacher on the proxy, then local
-    CE epochs without it; pinned against the two phases run by hand."""
+    CE epochs without it; pinned against the two phases run by hand (with the proxy
+    reshuffled every KD epoch, or in its own order as the reference DS-FL does)."""
     from fedkd.local_round import new_student
     from fedkd.seeding import torch_generator
     from fedkd.training import distill_to_targets, train_student
@@ -110,7 +112,13 @@ def test_sequential_schedule_digests_the_teacher_then_trains(plain_cfg):
     probs = torch.softmax(torch.randn(n, c, generator=torch.Generator().manual_seed(0)), 1)
     teacher = {TEACHER: encode(probs, "float16", SOFT_LABELS)}
     hp = LocalTraining(
-        epochs=1, batch_size=32, lr=0.05, temperature=1.0, schedule="sequential", kd_epochs=2
+        epochs=1,
+        batch_size=32,
+        lr=0.05,
+        temperature=1.0,
+        schedule="sequential",
+        kd_epochs=2,
+        kd_shuffle=kd_shuffle,
     )
     p = replace(plan(cfg), training=hp)
     got = call(app, cfg, 1, p, teacher).content.array_records[KNOWLEDGE][LOGITS].numpy()
@@ -130,6 +138,7 @@ def test_sequential_schedule_digests_the_teacher_then_trains(plain_cfg):
         batch_size=hp.kd_batch_size,
         generator=gen,
         optimizer=opt,
+        shuffle=kd_shuffle,
     )
     x, y = rt.data.client_data(1, 0)
     train_student(student, x, y, hp, gen)

@@ -92,3 +92,40 @@ def test_era_sharpens_the_average_and_stays_a_distribution():
     assert entropy(era) < entropy(avg)
     assert torch.equal(era.argmax(-1), avg.argmax(-1))  # sharpening keeps the decision
     assert torch.allclose(entropy_reduction_average(probs, 1.0), torch.softmax(avg, -1))
+
+
+def test_unshuffled_distillation_takes_the_items_in_order():
+    """shuffle=False (the reference DS-FL's loaders): every epoch walks the items in
+    their own order, so it equals plain SGD over consecutive batches by hand, and
+    the generator is left untouched."""
+    from fedkd.training import distill_to_targets
+
+    torch.manual_seed(0)
+    x, q = torch.randn(10, 4), torch.softmax(torch.randn(10, 3), 1)
+    model, by_hand = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    by_hand.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    state = gen.get_state()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    distill_to_targets(
+        model,
+        x,
+        q,
+        temperature=1.0,
+        epochs=2,
+        lr=0.1,
+        batch_size=4,
+        generator=gen,
+        optimizer=opt,
+        shuffle=False,
+    )
+    assert torch.equal(gen.get_state(), state)
+    opt = torch.optim.SGD(by_hand.parameters(), lr=0.1)
+    for _ in range(2):
+        for s in range(0, 10, 4):
+            loss = distillation_loss(by_hand(x[s : s + 4]), q[s : s + 4], 1.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for a, b in zip(model.parameters(), by_hand.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-7)

@@ -73,6 +73,10 @@ class DistillConfig:
     # tau of the teacher's KD loss toward the aggregated targets (which are already
     # probabilities); null: `temperature`. The reference code uses 1.
     server_temperature: float | None = None
+    # reshuffle the proxy items every KD epoch (the teacher's distillation and the
+    # sequential schedule's client KD); false: the items' own order every epoch, as
+    # the reference DS-FL's loaders take them
+    shuffle: bool = True
 
     def check(self) -> None:
         require(self.temperature > 0, "distill.temperature", self.temperature, "a number > 0")

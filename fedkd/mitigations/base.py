@@ -85,6 +85,7 @@ class ClientRound:
             generator=self.generator,
             device=self.device,
             optimizer=opt,
+            shuffle=self.training.kd_shuffle,
         )
 
 
