@@ -14,7 +14,9 @@ twice:
     torch using every core: no simulation engine, no Ray, no message transport;
 (c) the same again on 2 worker processes of one torch thread each (the round's
     clients in groups, as cohorts are): the tighter bound on a 2-core machine, where
-    many small clients gain little from torch's threads.
+    many small clients gain little from torch's threads;
+(d) for `fedkd-bench clients`' FedAvg workloads, the training floor: only the local
+    SGD of the same clients on 2 processes, nothing else timed.
 
 `overhead_ratio` = (a) / (b), `overhead_ratio_2proc` = (a) / (c), over steady-state
 rounds (round 1 warms caches and actors and is excluded; process start-up is
@@ -43,6 +45,7 @@ from simulations.bench_measure import (
     parallel_efficiency,
     run_bound,
     run_simulator,
+    run_training_floor,
     student_parameters,
 )
 from simulations.cli import run_cli
@@ -78,7 +81,9 @@ CLIENT_WORKLOADS = [
 ]
 
 
-def bench(name: str, overrides: list[str], out: str | None, bound: bool) -> dict[str, Any]:
+def bench(
+    name: str, overrides: list[str], out: str | None, bound: bool, floor: bool = False
+) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
     from fedkd.config import CONF_DIR, validate
@@ -110,6 +115,8 @@ def bench(name: str, overrides: list[str], out: str | None, bound: bool) -> dict
             sim = result["sim_round_seconds"]
             result["overhead_ratio"] = sim / result["bound_round_seconds"]
             result["overhead_ratio_2proc"] = sim / result[f"bound{BOUND_PROCESSES}_round_seconds"]
+        if floor:
+            result |= run_training_floor(config, Path(tmp) / "floor", BOUND_PROCESSES)
         result["parallel_efficiency"] = parallel_efficiency(result)
     result["machine"] = machine()
     if out:
@@ -202,7 +209,7 @@ def clients(out_dir: str, only: list[str] | None = None) -> list[dict[str, Any]]
     for name, overrides in CLIENT_WORKLOADS:
         if only and name not in only:
             continue
-        result = bench(name, overrides, None, bound=True)
+        result = bench(name, overrides, None, bound=True, floor="strategy=fedavg" in overrides)
         result["invocation"] = stamp
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -220,17 +227,23 @@ def clients_markdown(results: list[dict[str, Any]]) -> str:
     }
     lines = [
         "| workload | clients/round | registered | execution | sim round (s) "
-        "| vs 10-client round | 2-process bound (s) | vs 2-process bound | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| vs 10-client round | 2-process bound (s) | vs 2-process bound "
+        "| training floor (s) | floor vs 10-client round | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ten = base.get(r.get("invocation"))
-        vs_ten = f"{r['sim_round_seconds'] / ten:.2f}" if ten and "fedavg" in r["name"] else "-"
+        fedavg = bool(ten) and "fedavg" in r["name"]
+        vs_ten = f"{r['sim_round_seconds'] / ten:.2f}" if fedavg else "-"
+        floor = r.get("floor2_round_seconds")
+        floor_vs_ten = f"{floor / ten:.2f}" if fedavg and floor else "-"
         lines.append(
             f"| {r['name']} | {r['clients_per_round']} | {r['num_clients']} "
             f"| {r.get('execution', '-')} | {r['sim_round_seconds']:.2f} | {vs_ten} "
             f"| {_cell(r, 'bound2_round_seconds', '{:.2f}')} "
-            f"| {_cell(r, 'overhead_ratio_2proc', '{:.3f}')} | {r['peak_rss_mb']:.0f} |"
+            f"| {_cell(r, 'overhead_ratio_2proc', '{:.3f}')} "
+            f"| {_cell(r, 'floor2_round_seconds', '{:.2f}')} | {floor_vs_ten} "
+            f"| {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -302,7 +315,8 @@ def summarize(folder: str, out: str | None) -> str:
         " private IID images per round cut into N clients; `vs 10-client round` is the"
         " simulator's round over the 10-client round of the same invocation;"
         " `2-process bound` runs the same clients without Flower or Ray on 2 processes"
-        " of one torch thread.",
+        " of one torch thread; `training floor` times only their local SGD on 2 such"
+        " processes (no client state, evaluation, encoding, messages or server).",
         "",
         clients_markdown(many) if many else "(no many-clients workloads)\n",
         "## Bytes on the wire",

@@ -153,6 +153,62 @@ def _serve_group(group: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
     return [(pid, client_reply(_WORKER_CFG, pid, content, memo)) for pid, content in group]
 
 
+def _train_group(group: list[tuple[int, Any]]) -> tuple[int, float]:
+    """Only the local SGD of a group's clients (see `run_training_floor`); returns
+    this process's id and the seconds it trained."""
+    from fedkd.local_round import client_runtime, new_student
+    from fedkd.protocol import CONFIG, RoundPlan
+    from fedkd.seeding import torch_generator
+    from fedkd.training import train_student
+
+    runtime = client_runtime(_WORKER_CFG)
+    cfg, data = runtime.cfg, runtime.data
+    busy = 0.0
+    for pid, content in group:
+        plan = RoundPlan.from_record(content.config_records[CONFIG])
+        x, y = data.client_data(pid, plan.task)
+        model = runtime.blank(cfg.model.student_of(pid), lambda p=pid: new_student(cfg, data, p))
+        gen = torch_generator(cfg.seed, plan.round, pid, "local-train")
+        start = time.perf_counter()
+        train_student(model, x, y, plan.training, gen, device=runtime.device)
+        busy += time.perf_counter() - start
+    return os.getpid(), busy
+
+
+def run_training_floor(config_path: Path, work_dir: Path, processes: int) -> dict[str, Any]:
+    """The local SGD alone, for workloads whose clients train on their own data only
+    (FedAvg): each round's sampled clients train on their shards with the plan's
+    hyper-parameters and seeds in `processes` worker processes of one torch thread,
+    and nothing else is timed (no client state, evaluation, encoding, messages or
+    server). A round's floor is the busiest process's summed training time: the
+    round with free runtime and perfect packing, which no client runtime can beat
+    without training differently."""
+    import multiprocessing
+
+    import yaml
+
+    from fedkd.cohort import NODES_PER_SLOT
+    from fedkd.round_loop import prepare_round
+    from fedkd.server_state import build_server_state
+
+    cfg = yaml.safe_load(config_path.read_text())
+    cfg["simulation"]["client_state_dir"] = str(work_dir / "client_state")
+    state = build_server_state(cfg, "cpu")
+    state.population = list(range(state.cfg.num_clients))
+    ctx = multiprocessing.get_context("spawn")
+    floors = []
+    with ctx.Pool(processes, initializer=_init_worker, initargs=(cfg,)) as pool:
+        for rnd in range(1, state.cfg.rounds + 1):
+            _, downloads = prepare_round(state, rnd)
+            n = max(1, min(len(downloads), NODES_PER_SLOT * processes))
+            groups = [g for k in range(n) if (g := [d for d in downloads if d[0] % n == k])]
+            busy: dict[int, float] = {}
+            for worker, seconds in pool.map(_train_group, groups, chunksize=1):
+                busy[worker] = busy.get(worker, 0.0) + seconds
+            floors.append(max(busy.values()))
+    return {f"floor{processes}_round_seconds": steady(floors)}
+
+
 class PoolTransport:
     """The client function in `processes` worker processes (1 torch thread each); a
     round's clients go out in groups of partitions, 4 groups per process."""
