@@ -180,9 +180,10 @@ def run_training_floor(config_path: Path, work_dir: Path, processes: int) -> dic
     (FedAvg): each round's sampled clients train on their shards with the plan's
     hyper-parameters and seeds in `processes` worker processes of one torch thread,
     and nothing else is timed (no client state, evaluation, encoding, messages or
-    server). A round's floor is the busiest process's summed training time: the
-    round with free runtime and perfect packing, which no client runtime can beat
-    without training differently."""
+    server; a worker's one model starts each client where the last one left it, as
+    a step costs the same whatever the weights). A round's floor is the busiest
+    process's summed training time: the round as if everything but the SGD were
+    free, which no client runtime can beat without training differently."""
     import multiprocessing
 
     import yaml
