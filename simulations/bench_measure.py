@@ -106,18 +106,12 @@ def run_bound(config_path: Path, work_dir: Path, processes: int = 1) -> dict[str
     import resource
 
     import torch
-    import yaml
 
     from fedkd.local_round import client_reply
     from fedkd.round_loop import DirectTransport, run_rounds
-    from fedkd.server_state import build_server_state
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = yaml.safe_load(config_path.read_text())
-    cfg["simulation"]["client_state_dir"] = str(work_dir / "client_state")
-    cfg["output"]["checkpoint"] = False
-    state = build_server_state(cfg, "cpu")
-    state.population = list(range(state.cfg.num_clients))
+    cfg, state = _server_state(config_path, work_dir)
     rows = RowList()
     prefix = "bound" if processes == 1 else f"bound{processes}"
     if processes == 1:
@@ -134,6 +128,30 @@ def run_bound(config_path: Path, work_dir: Path, processes: int = 1) -> dict[str
         f"{prefix}_teacher_accuracy": [r.get("teacher_accuracy") for r in rows],
         f"{prefix}_torch_threads": torch.get_num_threads() if processes == 1 else 1,
     }
+
+
+def _server_state(config_path: Path, work_dir: Path) -> tuple[dict[str, Any], Any]:
+    """The simulator's run config (its client store moved to `work_dir`, no
+    checkpoints) and a server state over its whole population."""
+    import yaml
+
+    from fedkd.server_state import build_server_state
+
+    cfg = yaml.safe_load(config_path.read_text())
+    cfg["simulation"]["client_state_dir"] = str(work_dir / "client_state")
+    cfg["output"]["checkpoint"] = False
+    state = build_server_state(cfg, "cpu")
+    state.population = list(range(state.cfg.num_clients))
+    return cfg, state
+
+
+def _groups(downloads: list[tuple[int, Any]], processes: int) -> list[list[tuple[int, Any]]]:
+    """A round's downloads in groups of partitions as cohorts take them (group k:
+    k, k + n, ...), 4 groups per process."""
+    from fedkd.cohort import NODES_PER_SLOT
+
+    n = max(1, min(len(downloads), NODES_PER_SLOT * processes))
+    return [g for k in range(n) if (g := [d for d in downloads if d[0] % n == k])]
 
 
 _WORKER_CFG: dict[str, Any] = {}
@@ -186,25 +204,18 @@ def run_training_floor(config_path: Path, work_dir: Path, processes: int) -> dic
     free, which no client runtime can beat without training differently."""
     import multiprocessing
 
-    import yaml
-
-    from fedkd.cohort import NODES_PER_SLOT
     from fedkd.round_loop import prepare_round
-    from fedkd.server_state import build_server_state
 
-    cfg = yaml.safe_load(config_path.read_text())
-    cfg["simulation"]["client_state_dir"] = str(work_dir / "client_state")
-    state = build_server_state(cfg, "cpu")
-    state.population = list(range(state.cfg.num_clients))
+    cfg, state = _server_state(config_path, work_dir)
     ctx = multiprocessing.get_context("spawn")
     floors = []
     with ctx.Pool(processes, initializer=_init_worker, initargs=(cfg,)) as pool:
         for rnd in range(1, state.cfg.rounds + 1):
             _, downloads = prepare_round(state, rnd)
-            n = max(1, min(len(downloads), NODES_PER_SLOT * processes))
-            groups = [g for k in range(n) if (g := [d for d in downloads if d[0] % n == k])]
             busy: dict[int, float] = {}
-            for worker, seconds in pool.map(_train_group, groups, chunksize=1):
+            for worker, seconds in pool.map(
+                _train_group, _groups(downloads, processes), chunksize=1
+            ):
                 busy[worker] = busy.get(worker, 0.0) + seconds
             floors.append(max(busy.values()))
     return {f"floor{processes}_round_seconds": steady(floors)}
@@ -222,12 +233,9 @@ class PoolTransport:
         self.pool = ctx.Pool(processes, initializer=_init_worker, initargs=(cfg,))
 
     def exchange(self, rnd: int, downloads: list[tuple[int, Any]]) -> list[Any]:
-        from fedkd.cohort import NODES_PER_SLOT
         from fedkd.tally import Reply
 
-        n = max(1, min(len(downloads), NODES_PER_SLOT * self.processes))
-        groups = [[d for d in downloads if d[0] % n == k] for k in range(n)]
-        out = self.pool.map(_serve_group, [g for g in groups if g], chunksize=1)
+        out = self.pool.map(_serve_group, _groups(downloads, self.processes), chunksize=1)
         return [Reply(pid, pid, content) for group in out for pid, content in group]
 
     def __enter__(self) -> PoolTransport:
