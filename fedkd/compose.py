@@ -52,9 +52,15 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def compose_config(overrides: str | list[str] = "") -> dict[str, Any]:
+def compose_config(
+    overrides: str | list[str] = "",
+    merge: dict[str, Any] | None = None,
+    keep: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Compose conf/ with Hydra overrides (as on the fedkd-sim command line),
-    validate it and return the plain config. `flwr run` apps build theirs this way.
+    validate it and return the plain config. `flwr run` apps build theirs this way;
+    a device (fedkd/node_config.py) merges its owner's `merge` mapping over the
+    result, and then `keep` (its device-owned keys), before validating.
     Raises FedKDError for anything Hydra or `validate` rejects."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -64,6 +70,9 @@ def compose_config(overrides: str | list[str] = "") -> dict[str, Any]:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=args)
+        for extra in (merge, keep):
+            if extra:
+                cfg = OmegaConf.merge(cfg, extra)
     except (HydraException, OmegaConfBaseException) as exc:
         raise FedKDError(f"overrides {' '.join(args)!r}: {describe_hydra_error(exc)}") from None
     validate(cfg)

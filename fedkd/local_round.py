@@ -260,7 +260,7 @@ def client_reply(
     loss, info = train_round(runtime, ctx)
     metrics.update(info)
     if cfg.privacy.mode == "sample":
-        metrics["dp-epsilon"] = private_epsilon(cfg, state)
+        metrics["dp-epsilon"] = private_epsilon(cfg, state, (plain.get("node") or {}).get("ledger"))
         metrics["dp-secure-noise"] = int(cfg.privacy.secure_noise)
     task_acc = evaluate_tasks(student, data, runtime.device)
     metrics.update(
@@ -332,10 +332,21 @@ def train_private(
     return loss
 
 
-def private_epsilon(cfg: FedKDConfig, state: dict[str, Any]) -> float:
-    """This client's epsilon so far, over every DP-SGD step it has taken."""
+def private_epsilon(cfg: FedKDConfig, state: dict[str, Any], ledger: str | None = None) -> float:
+    """This client's epsilon so far, over every DP-SGD step it has taken: on a device,
+    over every step its ledger holds (all runs, fedkd/node_ledger.py)."""
+    if ledger:
+        from fedkd.node_ledger import NodeLedger
+
+        return NodeLedger(ledger).epsilon(cfg.privacy.delta)
     events = [(float(q), n) for q, n in state.get("dp-history", {}).items()]
     return gaussian_epsilon(cfg.privacy.noise_multiplier, events, cfg.privacy.delta)
+
+
+def shard_size(plain: dict[str, Any], pid: int, task: int) -> int:
+    """How many private examples partition `pid` trains on in `task` (on a device:
+    its own data), before any plan is served."""
+    return len(client_runtime(plain).data.client_data(pid, task)[1])
 
 
 def worker_info() -> dict[str, str]:

@@ -3,141 +3,217 @@ node config; deployment only).
 
 A deployed node otherwise does what each RoundPlan says: a server could ask a
 soft-label node for its whole state dict (bypassing the upload clipping of
-docs/privacy.md), or set epochs, batch size and privacy mode beyond anything the
-device owner accepted. The node checks every plan, and the run's privacy settings,
-before any training, and refuses one outside its policy with a ValueError that
-names the setting, the plan's value and the node's limit; the server logs it as
-that node's error and counts the reply failed.
+docs/privacy.md), switch its privacy off, or make it train for ever. The node checks
+the run's config at the handshake and every plan before any training, and refuses
+one outside its policy with one line naming the setting and the plan's value (the
+node's own limit goes to its log only); the server logs it as that node's error.
+Every cost a plan can carry is bounded, with defaults an owner may tighten:
 
-    allow-replies         comma-separated: logits, weights (default: the run's
-                          strategy's own reply kind; metrics-only replies always)
-    max-epochs            local epochs per round, at most
-    max-batch-size        local batch size, at most
+    allow-replies         comma-separated: logits, weights (default: logits;
+                          metrics-only replies always)
+    max-epochs            local epochs (and KD epochs) per round (default 20)
+    max-batch-size        local batch size (default 4096)
+    max-steps             optimizer steps per round, all phases (default 20,000)
+    max-items             proxy, teacher and memory items per round (default 100,000)
+    max-segments          proxy, teacher and memory segments per round (default 64)
+    max-download-bytes    arrays in one round's download (default 64 MiB)
+    max-rounds            rounds in a run (default 10,000)
     min-privacy           none < client < sample (only `sample`, DP-SGD on the
-                          device, holds against the server itself)
-    min-noise-multiplier  privacy.noise_multiplier at least (needs min-privacy)
+                          device, holds against the server itself); any level above
+                          none also requires secure (OS CSPRNG) noise and a noise floor
+    min-noise-multiplier  that floor (default 0.5 with min-privacy; > 0)
+    max-epsilon           the device's budget over every run (fedkd/node_ledger.py)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedkd.errors import ConfigError
-from fedkd.protocol import REPLY_LOGITS, REPLY_NONE, REPLY_WEIGHTS, RoundPlan
+from fedkd.protocol import REPLY_LOGITS, REPLY_NONE, REPLY_WEIGHTS, SEGMENTS, RoundPlan
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
 
 REPLY_KINDS = (REPLY_LOGITS, REPLY_WEIGHTS)
 PRIVACY_ORDER = {"none": 0, "client": 1, "sample": 2}
+NOISE_FLOOR = 0.5  # min-privacy without min-noise-multiplier
+BUDGET_DELTA = 1e-5  # max-epsilon holds at this delta (or the run's, if smaller)
+
+# policy key -> (attribute, default); every one an integer >= 1
+LIMITS: dict[str, tuple[str, int]] = {
+    "max-epochs": ("max_epochs", 20),
+    "max-batch-size": ("max_batch_size", 4096),
+    "max-steps": ("max_steps", 20_000),
+    "max-items": ("max_items", 100_000),
+    "max-segments": ("max_segments", 64),
+    "max-download-bytes": ("max_download_bytes", 64 * 2**20),
+    "max-rounds": ("max_rounds", 10_000),
+}
 
 
-def _positive_int(node_config: dict[str, Any], key: str) -> int | None:
-    value = node_config.get(key)
-    if value is None:
-        return None
+def _positive_int(node_config: dict[str, Any], key: str, default: int) -> int:
+    value = node_config.get(key, default)
     if type(value) is not int or value < 1:
         raise ConfigError(f"node config {key}", value, "an integer >= 1")
     return value
 
 
+def _positive_number(node_config: dict[str, Any], key: str) -> float | None:
+    value = node_config.get(key)
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not (0 < value < math.inf):
+        raise ConfigError(f"node config {key}", value, "a number > 0")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class NodePolicy:
-    """A node's limits; None: no limit of its own (the run decides)."""
+    """A node's limits."""
 
-    allow_replies: tuple[str, ...] | None = None  # None: the run strategy's reply kind
-    max_epochs: int | None = None
-    max_batch_size: int | None = None
+    allow_replies: tuple[str, ...] = (REPLY_LOGITS,)
+    max_epochs: int = LIMITS["max-epochs"][1]
+    max_batch_size: int = LIMITS["max-batch-size"][1]
+    max_steps: int = LIMITS["max-steps"][1]
+    max_items: int = LIMITS["max-items"][1]
+    max_segments: int = LIMITS["max-segments"][1]
+    max_download_bytes: int = LIMITS["max-download-bytes"][1]
+    max_rounds: int = LIMITS["max-rounds"][1]
     min_privacy: str = "none"
     min_noise_multiplier: float | None = None
+    max_epsilon: float | None = None
 
     KEYS: ClassVar[tuple[str, ...]] = (
         "allow-replies",
-        "max-epochs",
-        "max-batch-size",
+        *LIMITS,
         "min-privacy",
         "min-noise-multiplier",
+        "max-epsilon",
     )
 
     @classmethod
     def parse(cls, node_config: dict[str, Any]) -> NodePolicy:
         """The policy keys of a node config; a wrong value is one ConfigError."""
-        allow = node_config.get("allow-replies")
-        replies = None
-        if allow is not None:
-            kinds = tuple(k.strip() for k in str(allow).split(",") if k.strip())
-            if not isinstance(allow, str) or not kinds or set(kinds) - set(REPLY_KINDS):
-                raise ConfigError(
-                    "node config allow-replies", allow, "logits, weights or logits,weights"
-                )
-            replies = tuple(sorted(set(kinds)))
+        allow = node_config.get("allow-replies", REPLY_LOGITS)
+        kinds = tuple(k.strip() for k in str(allow).split(",") if k.strip())
+        if not isinstance(allow, str) or not kinds or set(kinds) - set(REPLY_KINDS):
+            raise ConfigError(
+                "node config allow-replies", allow, "logits, weights or logits,weights"
+            )
         privacy = node_config.get("min-privacy", "none")
         if privacy not in PRIVACY_ORDER:
             raise ConfigError("node config min-privacy", privacy, "one of none, client, sample")
-        noise = node_config.get("min-noise-multiplier")
-        if noise is not None:
-            if type(noise) not in (int, float) or not noise >= 0:
-                raise ConfigError("node config min-noise-multiplier", noise, "a number >= 0")
-            if privacy == "none":
-                raise ConfigError(
-                    "node config min-noise-multiplier",
-                    noise,
-                    "only with min-privacy=client or sample (a floor on their noise)",
-                )
-            noise = float(noise)
+        noise = _positive_number(node_config, "min-noise-multiplier")
+        if noise is not None and privacy == "none":
+            raise ConfigError(
+                "node config min-noise-multiplier",
+                noise,
+                "only with min-privacy=client or sample (a floor on their noise)",
+            )
+        limits = {attr: _positive_int(node_config, key, d) for key, (attr, d) in LIMITS.items()}
         return cls(
-            allow_replies=replies,
-            max_epochs=_positive_int(node_config, "max-epochs"),
-            max_batch_size=_positive_int(node_config, "max-batch-size"),
+            allow_replies=tuple(sorted(set(kinds))),
             min_privacy=privacy,
             min_noise_multiplier=noise,
+            max_epsilon=_positive_number(node_config, "max-epsilon"),
+            **limits,
         )
 
-    def allowed_replies(self, cfg: FedKDConfig) -> tuple[str, ...]:
-        """The reply kinds this node sends in this run (metrics-only always)."""
-        if self.allow_replies is not None:
-            return self.allow_replies
+    @property
+    def noise_floor(self) -> float:
+        """The least noise multiplier a run must use (0: no privacy asked)."""
+        if self.min_privacy == "none":
+            return 0.0
+        return NOISE_FLOOR if self.min_noise_multiplier is None else self.min_noise_multiplier
+
+    # ------------------------------------------------------------ the run's config
+    def run_violations(self, cfg: FedKDConfig) -> list[str]:
+        """Each way the run's config (checked at the handshake and every round)
+        breaks this policy; each names keys only (the config holds the owner's values)."""
         from fedkd.registry import import_plugins
         from strategies import STRATEGIES
 
-        import_plugins(cfg.plugins)
-        return (STRATEGIES.get(cfg.strategy["name"]).reply_kind,)
-
-    def violations(self, plan: RoundPlan, cfg: FedKDConfig) -> list[str]:
-        """Each way `plan` (and the run's privacy settings) break this policy."""
+        import_plugins(cfg.plugins)  # the owner's plugins only (fedkd/node_config.py)
         out = []
-        allowed = self.allowed_replies(cfg)
-        if plan.reply != REPLY_NONE and plan.reply not in allowed:
-            out.append(f"reply={plan.reply!r} is outside allow-replies={','.join(allowed)}")
-        if self.max_epochs is not None and plan.training.epochs > self.max_epochs:
-            out.append(f"epochs={plan.training.epochs} exceeds max-epochs={self.max_epochs}")
-        batch = plan.training.batch_size
-        if self.max_batch_size is not None and batch > self.max_batch_size:
-            out.append(f"batch_size={batch} exceeds max-batch-size={self.max_batch_size}")
+        kind = STRATEGIES.get(cfg.strategy["name"]).reply_kind
+        if kind != REPLY_NONE and kind not in self.allow_replies:
+            out.append(f"the strategy's reply ({kind}) is outside allow-replies")
+        if cfg.rounds > self.max_rounds:
+            out.append("rounds exceeds max-rounds")
+        t, d = cfg.train, cfg.distill
+        kd = d.client_schedule == "sequential"
+        if max(t.epochs, d.client_epochs if kd else 0) > self.max_epochs:
+            out.append("train.epochs or distill.client_epochs exceeds max-epochs")
+        if max(t.batch_size, d.client_batch_size if kd else 0) > self.max_batch_size:
+            out.append("train.batch_size or distill.client_batch_size exceeds max-batch-size")
         pv = cfg.privacy
         if pv.mode == "sample":  # DP-SGD's own settings, where set, are the work done
-            for key, value, cap, limit in (
-                ("epochs", pv.epochs, self.max_epochs, "max-epochs"),
-                ("batch_size", pv.batch_size, self.max_batch_size, "max-batch-size"),
-            ):
-                if value is not None and cap is not None and value > cap:
-                    out.append(f"privacy.{key}={value} exceeds {limit}={cap}")
+            if pv.epochs is not None and pv.epochs > self.max_epochs:
+                out.append("privacy.epochs exceeds max-epochs")
+            if pv.batch_size is not None and pv.batch_size > self.max_batch_size:
+                out.append("privacy.batch_size exceeds max-batch-size")
         if PRIVACY_ORDER[pv.mode] < PRIVACY_ORDER[self.min_privacy]:
-            out.append(f"privacy.mode={pv.mode!r} is below min-privacy={self.min_privacy}")
-        floor = self.min_noise_multiplier
-        if floor is not None and pv.mode != "none" and pv.noise_multiplier < floor:
-            out.append(
-                f"privacy.noise_multiplier={pv.noise_multiplier} is below "
-                f"min-noise-multiplier={floor}"
-            )
+            out.append("privacy.mode is below min-privacy")
+        if self.min_privacy != "none":
+            if not pv.noise_multiplier >= self.noise_floor:
+                out.append("privacy.noise_multiplier is below the node's noise floor")
+            if not pv.secure_noise:
+                out.append("privacy.secure_noise is off: this node requires secret noise")
         return out
 
-    def check(self, plan: RoundPlan, cfg: FedKDConfig) -> None:
-        """Raise ValueError (the server logs it, counts the reply failed) unless the
-        plan is within this node's policy."""
-        broken = self.violations(plan, cfg)
-        if broken:
-            raise ValueError(
-                f"this node's policy refuses round {plan.round}'s plan: " + "; ".join(broken)
-            )
+    # ------------------------------------------------------------ one round's plan
+    def plan_violations(
+        self, plan: RoundPlan, cfg: FedKDConfig, shard: int, nbytes: int
+    ) -> list[str]:
+        """Each way `plan` breaks this policy, for a node of `shard` private examples
+        that was sent `nbytes` of arrays."""
+        out = []
+        if plan.reply != REPLY_NONE and plan.reply not in self.allow_replies:
+            out.append(f"reply={plan.reply!r} is outside allow-replies")
+        if not 1 <= plan.round <= cfg.rounds:
+            out.append(f"round={plan.round} is outside the run's rounds")
+        hp = plan.training
+        kd = hp.schedule == "sequential"  # KD epochs and batches of their own
+        if max(hp.epochs, hp.kd_epochs if kd else 0) > self.max_epochs:
+            out.append(f"epochs={hp.epochs}/kd_epochs={hp.kd_epochs} exceed max-epochs")
+        if max(hp.batch_size, hp.kd_batch_size if kd else 0) > self.max_batch_size:
+            out.append(f"batch_size={hp.batch_size}/{hp.kd_batch_size} exceeds max-batch-size")
+        segments = sum(len(getattr(plan, name)) for name in SEGMENTS)
+        items = sum(s.count for name in SEGMENTS for s in getattr(plan, name))
+        if segments > self.max_segments:
+            out.append(f"{segments} proxy/teacher/memory segments exceed max-segments")
+        if items > self.max_items:
+            out.append(f"{items} proxy/teacher/memory items exceed max-items")
+        if plan.teacher_count > plan.proxy_count + sum(s.count for s in plan.teacher_proxy):
+            out.append(f"teacher_count={plan.teacher_count} exceeds the round's proxy items")
+        if nbytes > self.max_download_bytes:
+            out.append(f"a download of {nbytes} bytes exceeds max-download-bytes")
+        steps = local_steps(plan, cfg, shard)
+        if steps > self.max_steps:
+            out.append("the local optimizer steps exceed max-steps")
+        return out
+
+
+def local_steps(plan: RoundPlan, cfg: FedKDConfig, shard: int) -> int:
+    """An upper bound on the optimizer steps the plan asks of a node with `shard`
+    private examples: local (or DP-SGD) epochs, sequential KD epochs, rehearsal."""
+    hp, pv = plan.training, cfg.privacy
+
+    def batches(n: int, size: int) -> int:
+        return max(1, -(-n // size))
+
+    epochs, batch = hp.epochs, hp.batch_size
+    if pv.mode == "sample":
+        epochs = pv.epochs if pv.epochs is not None else epochs
+        batch = pv.batch_size if pv.batch_size is not None else batch
+    steps = epochs * batches(shard, batch)
+    kd_items = plan.proxy_count + sum(s.count for s in plan.teacher_proxy)
+    if hp.schedule == "sequential":
+        steps += hp.kd_epochs * batches(kd_items, hp.kd_batch_size)
+    memory = sum(s.count for s in plan.memory)
+    if memory:
+        steps += epochs * batches(memory, batch)
+    return steps

@@ -17,6 +17,7 @@ round 1), because node ids are random while sampling is over partition ids.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -43,6 +44,7 @@ LOGITS = "logits"
 REPLY_LOGITS = "logits"
 REPLY_WEIGHTS = "weights"
 REPLY_NONE = "none"
+REPLY_KINDS = (REPLY_LOGITS, REPLY_WEIGHTS, REPLY_NONE)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ProxySegment:
 
 ROLE_LEARN = "learn"  # CE on the current task + KD toward the teacher on the proxy
 ROLE_REVIEW = "review"  # KD only, toward what the federation knew (lifelong review)
+ROLES = (ROLE_LEARN, ROLE_REVIEW)
 
 
 # RoundPlan fields that travel as several keys: segment lists (tasks, seeds, counts),
@@ -105,20 +108,51 @@ class RoundPlan:
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundPlan:
-        values = {f.name: record[_key(f.name)] for f in fields(cls) if f.name not in SEGMENTED}
+        """The plan in a server's ConfigRecord, every field type- and range-checked
+        (a server is untrusted on a device): InvalidPlan names the first bad key."""
+        values = {
+            f.name: _field(record, f.name, f.type) for f in fields(cls) if f.name not in SEGMENTED
+        }
         values["training"] = LocalTraining(
-            **{f.name: record[_key(f.name)] for f in fields(LocalTraining)}
+            **{f.name: _field(record, f.name, f.type) for f in fields(LocalTraining)}
         )
         for name in SEGMENTS:
             prefix = _key(name)
-            segments = zip(
-                record[f"{prefix}-tasks"],
-                record[f"{prefix}-seeds"],
-                record[f"{prefix}-counts"],
-                strict=True,
-            )
-            values[name] = tuple(ProxySegment(int(t), int(s), int(c)) for t, s, c in segments)
-        return cls(**values)
+            columns = [
+                _int_list(record, f"{prefix}-{part}") for part in ("tasks", "seeds", "counts")
+            ]
+            if len({len(c) for c in columns}) != 1:
+                raise InvalidPlan(f"{prefix}-tasks, -seeds and -counts differ in length")
+            values[name] = tuple(ProxySegment(t, s, c) for t, s, c in zip(*columns, strict=True))
+        plan = cls(**values)
+        plan.check()
+        return plan
+
+    def check(self) -> None:
+        """Ranges a well-formed plan keeps (InvalidPlan names the key)."""
+        from fedkd.comm.codecs import CODECS
+
+        t = self.training
+        for ok, key, allowed in (
+            (self.round >= 1, "round", "an integer >= 1"),
+            (self.task >= 0, "task", "an integer >= 0"),
+            (self.role in ROLES, "role", " or ".join(ROLES)),
+            (self.reply in REPLY_KINDS, "reply", " or ".join(REPLY_KINDS)),
+            (self.codec in CODECS, "codec", "a codec name"),
+            (self.teacher_codec in CODECS, "teacher-codec", "a codec name"),
+            (self.teacher_count >= -1, "teacher-count", "an integer >= -1"),
+            (t.epochs >= 0 and t.kd_epochs >= 0, "epochs", "integers >= 0"),
+            (t.batch_size >= 1 and t.kd_batch_size >= 1, "batch-size", "integers >= 1"),
+            (t.schedule in ("joint", "sequential"), "schedule", "joint or sequential"),
+            (0.0 <= t.alpha <= 1.0, "alpha", "a number in [0, 1]"),
+            (t.temperature > 0, "temperature", "a number > 0"),
+            (min(t.lr, t.kd_lr, t.momentum, t.weight_decay) >= 0, "lr", "numbers >= 0"),
+        ):
+            if not ok:
+                raise InvalidPlan(f"{key} must be {allowed}")
+        for name in SEGMENTS:
+            if any(s.task < 0 or s.count < 0 for s in getattr(self, name)):
+                raise InvalidPlan(f"{_key(name)} tasks and counts must be >= 0")
 
     @property
     def proxy_count(self) -> int:
@@ -137,6 +171,38 @@ def download_rows(n: int, count: int, seed: int) -> np.ndarray:
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+class InvalidPlan(ValueError):
+    """A round plan from the server that is malformed; the message names the key."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"malformed round plan: {why}")
+
+
+def _field(record: ConfigRecord, name: str, kind: str) -> Any:
+    """record[key of name] if it has the field's type (int is not bool, a float may
+    be written as an int); InvalidPlan otherwise."""
+    key = _key(name)
+    if key not in record:
+        raise InvalidPlan(f"no {key!r}")
+    value = record[key]
+    if kind == "int" and type(value) is int:
+        return value
+    if kind == "float" and type(value) in (int, float) and math.isfinite(value):
+        return float(value)
+    if kind == "str" and isinstance(value, str) and len(value) <= 64:
+        return value
+    if kind == "bool" and type(value) is bool:
+        return value
+    raise InvalidPlan(f"{key!r} must be a {kind}, not a {type(value).__name__}")
+
+
+def _int_list(record: ConfigRecord, key: str) -> list[int]:
+    value = record.get(key)
+    if not isinstance(value, list) or any(type(v) is not int for v in value):
+        raise InvalidPlan(f"{key!r} must be a list of integers")
+    return value
 
 
 class InvalidReply(ValueError):

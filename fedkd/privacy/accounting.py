@@ -53,3 +53,31 @@ def _epsilon(noise_multiplier: float, events: tuple[tuple[float, int], ...], del
         )
         accountant.compose(event, steps)
     return float(accountant.get_epsilon(delta))
+
+
+def composed_epsilon(events: Iterable[tuple[float, float, int]], delta: float) -> float:
+    """epsilon at `delta` after Poisson-subsampled Gaussian mechanisms of differing
+    noise: `events` lists (sample_rate, noise_multiplier, steps), composed in RDP (a
+    device's ledger spans runs with different settings). Zero noise: inf."""
+    key = tuple(
+        sorted((round(float(q), 12), float(s), int(n)) for q, s, n in events if n > 0 and q > 0)
+    )
+    return _composed(key, float(delta))
+
+
+@lru_cache(maxsize=256)
+def _composed(events: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    if not events:
+        return 0.0
+    if any(sigma <= 0 for _, sigma, _ in events):
+        return math.inf
+    accountant = RdpAccountant()
+    for q, sigma, steps in events:
+        event = dp_accounting.PoissonSampledDpEvent(
+            min(1.0, q), dp_accounting.GaussianDpEvent(sigma)
+        )
+        accountant.compose(event, steps)
+    return float(accountant.get_epsilon(delta))
