@@ -2,11 +2,12 @@
 authenticated SuperNodes, partitions bound to their keys (`fedkd-deploy keys`'
 partition-keys.json), one round of FedAvg (which asks every client for its weights):
 
-- node 0 holds partition 0 but its policy allows soft labels only: it refuses the
-  plan before training, the server logs its error and counts the reply failed;
-- node 1 holds partition 1 and trains;
-- node 2 (key bound to partition 2) claims partition 1: left out at the handshake,
-  while node 1, the owner, is admitted.
+- node 0 holds partition 0 with the default policy, soft labels only: it refuses
+  the run at the handshake, before any training, and is left out (its one-line
+  refusal is in the server's log);
+- node 1 holds partition 1, allows its weights, and trains;
+- node 2 (key bound to partition 2, weights allowed) claims partition 1: left out
+  at the handshake, while node 1, the owner, is admitted.
 
 The run finishes with the honest node's reply."""
 
@@ -39,9 +40,9 @@ def test_a_logits_only_node_refuses_weights_and_an_impostor_is_left_out(tmp_path
         for i in range(3):
             dh.cli(env, "flwr", "supernode", "register", str(keys / f"node-{i}.pub"))
         nodes = {
-            "logits-only": (0, 0, ' allow-replies="logits"'),
-            "owner": (1, 1, ""),
-            "impostor": (2, 1, ""),  # node-2's key, partition 1's claim
+            "logits-only": (0, 0, ""),  # the default policy: soft labels only
+            "owner": (1, 1, ' allow-replies="weights"'),
+            "impostor": (2, 1, ' allow-replies="weights"'),  # node-2's key, partition 1's claim
         }
         for name, (key, pid, policy) in nodes.items():
             procs.start(
@@ -66,12 +67,12 @@ def test_a_logits_only_node_refuses_weights_and_an_impostor_is_left_out(tmp_path
     assert "partitions bound to 3 node keys" in streamed, streamed[-3000:]
     # the impostor: one line at the handshake, and the owner of partition 1 admitted
     assert "it claims partition 1, but its key is bound to partition 2" in streamed
-    # the logits-only node: refused before training, logged by the server, counted
-    refusal = "this node's policy refuses round 1's plan: reply='weights' is outside "
-    assert refusal + "allow-replies=logits" in streamed, streamed[-3000:]
+    # the logits-only node: refused at the handshake, before any training, in one line
+    refusal = "this node's policy refuses the run: the strategy's reply (weights) is outside "
+    assert refusal + "allow-replies" in streamed, streamed[-3000:]
     (run,) = out.glob("run-*")
     summary = json.loads((run / "summary.json").read_text())
-    assert (summary["nodes"], summary["nodes_admitted"]) == (3, 2)
+    assert (summary["nodes"], summary["nodes_admitted"]) == (3, 1)
     (row,) = read_metrics(run)
-    assert (row["clients"], row["replies"], row["failed"]) == (2, 1, 1)
+    assert (row["clients"], row["replies"], row["failed"]) == (1, 1, 0)
     assert row["bytes_up"] > 0  # the owner's weights

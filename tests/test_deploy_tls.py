@@ -95,12 +95,16 @@ def test_tls_authenticated_deployment_runs_dsfl_and_refuses_strangers(tmp_path):
             "--run-config", f'overrides="{OVERRIDES}" out-dir="{out}"',
             timeout=900,
         )  # fmt: skip
+        bad_data_log = procs.log("bad-data")
     finally:
         procs.stop_all()
 
     # the node with missing data: one line in the run's log, and the run went on
     assert "failed the handshake and is left out" in streamed, streamed[-3000:]
-    assert "missing.npz does not exist" in streamed
+    # the server learns the kind of failure; the path the device read stays on it
+    assert "could not serve the query message (DataError" in streamed
+    assert "missing.npz" not in streamed
+    assert "missing.npz does not exist" in bad_data_log
     (run,) = out.glob("run-*")
     rows = read_metrics(run)
     assert [r["round"] for r in rows] == [1, 2]
