@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedkd.admission import Handshake, PartitionKeys, admit
 from fedkd.config.checks import require
-from fedkd.protocol import CONFIG, INFO, METRICS, TRAIN, InvalidReply
+from fedkd.protocol import CONFIG, TRAIN, InvalidReply
 from fedkd.tally import Reply
 
 log = logging.getLogger("fedkd.server")
@@ -208,59 +210,15 @@ def discover_cohorts(
     timeout: float,
     proxy_digest: str,
     shard_sizes: dict[int, int],
+    max_examples: int | None = None,
+    known_sizes: Sequence[int] | None = None,
+    keys: PartitionKeys | None = None,
+    run_id: int = 0,
 ) -> dict[int, list[int]]:
-    """The handshake of cohort nodes: {node: the partitions it serves}, each node's
-    shard sizes into `shard_sizes`. A node with a wrong proxy set or a malformed or
-    overlapping claim is left out with a warning."""
-    from fedkd.server import FederationError
-
-    messages = [
-        Message(
-            RecordDict({CONFIG: ConfigRecord({"want": "partition-ids"})}),
-            dst_node_id=n,
-            message_type="query",
-        )
-        for n in nodes
-    ]
-    cohorts: dict[int, list[int]] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        try:
-            pids, sizes = _read_cohort_claim(reply, num_clients, proxy_digest)
-            if node in cohorts:
-                raise InvalidReply("it answered twice")
-            taken = set(pids) & {p for ps in cohorts.values() for p in ps}
-            if taken:
-                raise InvalidReply(f"partitions {sorted(taken)[:5]} are claimed twice")
-        except Exception as exc:
-            log.warning("node %s failed the cohort handshake and is left out: %s", node, exc)
-            continue
-        cohorts[node] = pids
-        shard_sizes.update(zip(pids, sizes, strict=True))
-    served = sum(len(p) for p in cohorts.values())
-    if served < num_clients:
-        log.warning("cohort nodes serve %d of %d partitions", served, num_clients)
-    if not cohorts:
-        raise FederationError("no cohort node passed the handshake")
-    return cohorts
-
-
-def _read_cohort_claim(
-    reply: Message, num_clients: int, proxy_digest: str
-) -> tuple[list[int], list[int]]:
-    if reply.has_error():
-        raise InvalidReply(f"error reply ({str(reply.error.reason).splitlines()[-1][:200]})")
-    metrics = reply.content.metric_records.get(METRICS)
-    info = reply.content.config_records.get(INFO)
-    if not isinstance(metrics, MetricRecord) or info is None:
-        raise InvalidReply("no partition claim")
-    if info.get("proxy-digest") != proxy_digest:
-        raise InvalidReply("another proxy set (its digest differs)")
-    pids, sizes = metrics.get("partition-ids"), metrics.get("num-examples")
-    if not isinstance(pids, list) or not isinstance(sizes, list) or len(pids) != len(sizes):
-        raise InvalidReply("partition-ids and num-examples are not lists of one length")
-    if not all(isinstance(p, int) and 0 <= p < num_clients for p in pids):
-        raise InvalidReply(f"partition ids outside 0..{num_clients - 1}")
-    if len(set(pids)) != len(pids) or not all(isinstance(s, int) and s >= 0 for s in sizes):
-        raise InvalidReply("repeated partition ids or negative sizes")
-    return pids, sizes
+    """The handshake of cohort nodes: {node: the partitions it serves}, each admitted
+    partition's capped shard size into `shard_sizes`. The rules, and who is left
+    out, are those of a node per client (fedkd.admission.admit): a cohort node's
+    claim is just a list of partitions. With `keys` (a run that binds partitions to
+    keys) every partition must be proven, which a cohort node cannot: it fails closed."""
+    rules = Handshake(num_clients, proxy_digest, keys, run_id, True, max_examples, known_sizes)
+    return admit(grid, nodes, timeout, rules, shard_sizes)

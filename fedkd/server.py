@@ -9,30 +9,25 @@ random (fedkd/admission.py: the checks, and in deployment the key binding).
 from __future__ import annotations
 
 import logging
-import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedkd.admission import NONCE_BYTES, PartitionKeys, Refused, declared_examples, read_claim
+from fedkd.admission import FederationError, Handshake, PartitionKeys, admit
 from fedkd.checkpoint import load_checkpoint
 from fedkd.cohort import COHORT, PER_CLIENT, CohortTransport, discover_cohorts
-from fedkd.errors import FedKDError
-from fedkd.protocol import CONFIG, QUERY
+from fedkd.privacy.release import shard_size
 from fedkd.resources import visible_gpus
 from fedkd.results.progress import RoundProgress
 from fedkd.results.recorder import RunRecorder
 from fedkd.round_loop import GridTransport, Transport, run_rounds
-from fedkd.server_state import build_server_state
+from fedkd.server_state import ServerState, build_server_state
 
 log = logging.getLogger("fedkd.server")
-
-
-class FederationError(FedKDError):
-    """The federation could not be formed (nodes missing, partitions inconsistent)."""
 
 
 def wait_for_nodes(
@@ -60,67 +55,71 @@ def discover_partitions(
     keys: PartitionKeys | None = None,
     run_id: int = 0,
     shard_sizes: dict[int, int] | None = None,
+    max_examples: int | None = None,
+    known_sizes: Sequence[int] | None = None,
 ) -> dict[int, int]:
     """Ask every node for its partition id; return {node id: partition id} of the
-    nodes admitted (and fill `shard_sizes`, partition id -> the number of examples
-    its node declared, when given). A node that fails the handshake (an error, a malformed reply,
-    another proxy set, with `keys` a claim its key does not prove) is left out with a
-    warning, and so is every claimant of a partition two nodes claim: no reply can
-    stop the federation from forming."""
-    nonces = {n: os.urandom(NONCE_BYTES) for n in nodes}  # fresh: a signature cannot be replayed
-    messages = [
-        Message(
-            RecordDict({CONFIG: ConfigRecord({"want": "partition-id", "nonce": nonces[n]})}),
-            dst_node_id=n,
-            message_type=QUERY,
+    nodes admitted, and fill `shard_sizes` (partition id -> the shard size its node
+    declared, capped at `max_examples` and `known_sizes[pid]`) when given. The
+    rules, and who is left out, are fedkd.admission.admit's."""
+    rules = Handshake(expected, proxy_digest, keys, run_id, False, max_examples, known_sizes)
+    admitted = admit(grid, nodes, timeout, rules, shard_sizes)
+    return {node: pids[0] for node, pids in admitted.items()}
+
+
+def known_shard_sizes(state: ServerState) -> list[int]:
+    """The shard size each simulated client declares (fedkd.client.handle_query):
+    the server holds the same split, so no simulated node may declare more."""
+    mode = state.cfg.privacy.mode
+    return [shard_size(mode, len(shard)) for shard in state.data.shards]
+
+
+def meet_nodes(
+    grid: Grid,
+    state: ServerState,
+    keys: PartitionKeys | None,
+    run_id: int,
+    max_examples: int | None,
+    simulated: bool,
+) -> tuple[list[int], dict[int, list[int]]]:
+    """Wait for the nodes and admit them: (the node ids registered, {node id: the
+    partitions it serves}); declared shard sizes go to state.declared_examples,
+    capped at `max_examples` and, when `simulated`, at what the server's own split
+    gives each partition."""
+    cfg, sim = state.cfg, state.cfg.simulation
+    if not state.strategy.uses_clients:
+        return [], {}
+    known = known_shard_sizes(state) if simulated else None
+    digest, sizes = state.data.proxy_digest, state.declared_examples
+    if sim.execution == COHORT:
+        nodes = wait_for_nodes(grid, sim.cohort_nodes, sim.register_timeout, "cohort_nodes")
+        cohorts = discover_cohorts(
+            grid,
+            nodes,
+            cfg.num_clients,
+            sim.register_timeout,
+            digest,
+            sizes,
+            max_examples,
+            known,
+            keys,
+            run_id,
         )
-        for n in nodes
-    ]
-    claims: dict[int, list[int]] = {}  # partition id -> the nodes that proved a claim
-    answered: set[int] = set()
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        try:
-            if node in answered:
-                raise Refused("it answered twice")
-            answered.add(node)
-            pid = read_claim(reply, expected, proxy_digest, nonces.get(node), run_id, keys)
-            declared = declared_examples(reply)
-        except Refused as exc:
-            log.warning("node %s failed the handshake and is left out: %s", node, exc)
-            continue
-        except Exception as exc:  # any other fault in a reply: that node is out
-            log.warning(
-                "node %s failed the handshake and is left out: malformed reply (%s: %s)",
-                node,
-                type(exc).__name__,
-                str(exc)[:200],
-            )
-            continue
-        claims.setdefault(pid, []).append(node)
-        if shard_sizes is not None and declared is not None:
-            shard_sizes[pid] = declared
-    partitions: dict[int, int] = {}
-    for pid, claimants in sorted(claims.items()):
-        if len(claimants) > 1:
-            log.warning(
-                "nodes %s all claim partition %d; none of them is admitted%s",
-                sorted(claimants),
-                pid,
-                "" if keys else " (bind partitions to node keys with run config partition-keys)",
-            )
-            continue
-        partitions[claimants[0]] = pid
-    missing = sorted(set(range(expected)) - set(partitions.values()))
-    if missing:
-        log.warning(
-            "no node holds partition(s) %s; sampling uses the %d admitted",
-            missing[:10],
-            len(partitions),
-        )
-    if not partitions:
-        raise FederationError("no node passed the partition handshake")
-    return partitions
+        return nodes, cohorts
+    nodes = wait_for_nodes(grid, cfg.num_clients, sim.register_timeout)
+    partitions = discover_partitions(
+        grid,
+        nodes,
+        cfg.num_clients,
+        sim.register_timeout,
+        digest,
+        keys,
+        run_id,
+        shard_sizes=sizes,
+        max_examples=max_examples,
+        known_sizes=known,
+    )
+    return nodes, {node: [pid] for node, pid in partitions.items()}
 
 
 def run_server(
@@ -130,10 +129,15 @@ def run_server(
     resume: bool = False,
     keys: PartitionKeys | None = None,
     run_id: int = 0,
+    max_examples: int | None = None,
+    simulated: bool = False,
 ) -> dict[str, Any]:
     """Run a whole experiment on `grid` (with `resume`, from the run directory's
     checkpoint on; with `keys`, admitting only nodes whose key proves their
-    partition in run `run_id`); returns the summary (also in summary.json)."""
+    partition in run `run_id`); returns the summary (also in summary.json). A
+    node's declared shard size is capped at `max_examples` (deployment: run config
+    max-examples) and, when `simulated`, at its partition's size in the server's
+    own split (the simulated nodes hold that split)."""
     out = Path(out_dir)
     ckpt = load_checkpoint(out, plain) if resume else None
     device = "cuda" if visible_gpus() > 0 else "cpu"
@@ -143,31 +147,7 @@ def run_server(
     if sim.fast_dispatch and hasattr(grid, "pull_interval"):
         grid.pull_interval = 0.01  # Flower's in-memory grid polls for replies every 0.1 s
     cohort = sim.execution == COHORT  # fedkd/cohort.py (set by fedkd-sim only)
-    cohorts: dict[int, list[int]] = {}  # node id -> the partitions it serves
-    nodes: list[int] = []
-    if state.strategy.uses_clients and cohort:
-        nodes = wait_for_nodes(grid, sim.cohort_nodes, sim.register_timeout, "cohort_nodes")
-        cohorts = discover_cohorts(
-            grid,
-            nodes,
-            cfg.num_clients,
-            sim.register_timeout,
-            data.proxy_digest,
-            shard_sizes=state.declared_examples,
-        )
-    elif state.strategy.uses_clients:
-        nodes = wait_for_nodes(grid, cfg.num_clients, sim.register_timeout)
-        partitions = discover_partitions(
-            grid,
-            nodes,
-            cfg.num_clients,
-            sim.register_timeout,
-            data.proxy_digest,
-            keys,
-            run_id,
-            shard_sizes=state.declared_examples,
-        )
-        cohorts = {node: [pid] for node, pid in partitions.items()}
+    nodes, cohorts = meet_nodes(grid, state, keys, run_id, max_examples, simulated)
     state.population = sorted(pid for pids in cohorts.values() for pid in pids)
     state.privacy.set_population(len(state.population))  # DP sampling over those admitted
     meta = {
@@ -215,6 +195,6 @@ def build_server_app(cfg: dict[str, Any], out_dir: str | Path, resume: bool = Fa
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, out_dir, resume)
+        run_server(grid, cfg, out_dir, resume, simulated=True)
 
     return app

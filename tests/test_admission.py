@@ -253,3 +253,101 @@ def test_run_server_samples_dp_over_the_admitted_population(plain_cfg, tmp_path,
     with pytest.raises(Stop):
         server.run_server(None, plain_cfg("clients_per_round=1"), tmp_path)
     assert seen == {"rate": 1 / 2, "population": [0, 2]}  # configured: 1 / 3
+
+
+# ------------------------------------------- one handshake for every kind of node
+def left_out_because(caplog, node: int) -> str:
+    """Why the handshake left `node` out (its one warning line)."""
+    (line,) = [r.getMessage() for r in caplog.records if f"node {node} failed" in r.getMessage()]
+    return line.split("is left out: ", 1)[1]
+
+
+def test_a_cohort_node_with_no_examples_is_refused_as_a_deployed_node_is(caplog):
+    # on the old main the cohort handshake admitted a shard of 0 examples
+    from fedkd.cohort import discover_cohorts
+    from tests.test_cohort import FakeGrid as CohortGrid
+
+    def zero(node, query):
+        metrics = {"partition-id": 2, "num-examples": 0}
+        return Message(content(metrics, {"proxy-digest": DIGEST}), reply_to=query)
+
+    assert handshake(
+        FakeGrid({11: 0, 12: 1, 13: 2}, craft=lambda n, q: zero(n, q) if n == 13 else None)
+    )
+    deployed = left_out_because(caplog, 13)
+    caplog.clear()
+
+    def cohort(node, query):
+        sizes = [5, 0] if node == 22 else [5]
+        pids = [1, 2] if node == 22 else [0]
+        return content({"partition-ids": pids, "num-examples": sizes}, {"proxy-digest": DIGEST})
+
+    assert discover_cohorts(CohortGrid(cohort), [21, 22], 3, 1.0, DIGEST, {}) == {21: [0]}
+    assert (
+        left_out_because(caplog, 22) == deployed == "malformed reply: num-examples=0 is not a count"
+    )
+
+
+# ------------------------------------------------------- declared sizes are capped
+def declaring(sizes: dict[int, int], digest: str = DIGEST):
+    """craft: each node claims its partition with the shard size `sizes` gives it."""
+
+    def craft(node, query):
+        pid = node - 11
+        metrics = {"partition-id": pid, "num-examples": sizes[pid]}
+        return Message(content(metrics, {"proxy-digest": digest}), reply_to=query)
+
+    return craft
+
+
+def test_a_declared_shard_size_is_capped_at_max_examples_and_warned_once(caplog):
+    # on the old main: no max_examples; the tally believed 2**62 examples
+    sizes: dict[int, int] = {}
+    grid = FakeGrid({11: 0, 12: 1, 13: 2}, craft=declaring({0: 40, 1: 2**62, 2: 100}))
+    admitted = discover_partitions(
+        grid, [11, 12, 13], 3, 5, DIGEST, shard_sizes=sizes, max_examples=100
+    )
+    assert admitted == {11: 0, 12: 1, 13: 2}  # capped, not refused
+    assert sizes == {0: 40, 1: 100, 2: 100}
+    (line,) = [r.getMessage() for r in caplog.records if "more examples" in r.getMessage()]
+    assert line.startswith("node 12 declares more examples than its cap")
+    assert f"partition 1: {2**62} > 100" in line
+
+
+def test_an_undeclared_shard_size_gets_the_cap():
+    sizes: dict[int, int] = {}
+    grid = FakeGrid({11: 0, 12: 1})  # replies without num-examples
+    discover_partitions(grid, [11, 12], 2, 5, DIGEST, shard_sizes=sizes, known_sizes=[7, 9])
+    assert sizes == {0: 7, 1: 9}
+
+
+def test_a_simulated_node_declaring_2_62_examples_keeps_its_partitions_size(
+    plain_cfg, tmp_path, monkeypatch
+):
+    # on the old main: state.declared_examples[2] == 2**62, and FedAvg's average was
+    # the attacker's weights
+    from flwr.app import Context
+
+    from fedkd import server
+    from fedkd.data.federated import federated_data
+    from fedkd.privacy.release import shard_size
+
+    plain = plain_cfg()
+    data = federated_data(plain)
+    known = {pid: shard_size(plain["privacy"]["mode"], len(s)) for pid, s in enumerate(data.shards)}
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def run_rounds(state, transport, recorder, out):
+        seen.update(state.declared_examples)
+        raise Stop
+
+    monkeypatch.setattr(server, "wait_for_nodes", lambda grid, n, t: [11, 12, 13])
+    monkeypatch.setattr(server, "run_rounds", run_rounds)
+    grid = FakeGrid({11: 0, 12: 1, 13: 2}, craft=declaring({**known, 2: 2**62}, data.proxy_digest))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(Stop):
+        server.build_server_app(plain, tmp_path)(grid, context)  # what fedkd-sim runs
+    assert seen == known and known[2] < 2**62

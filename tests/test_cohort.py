@@ -21,6 +21,7 @@ from fedkd.cohort import (
 )
 from fedkd.errors import ConfigError
 from fedkd.protocol import CONFIG, INFO, KNOWLEDGE, LOGITS, METRICS, TRAIN, WEIGHTS
+from fedkd.server import FederationError
 from tests.test_client import plan
 
 
@@ -168,13 +169,14 @@ def test_the_transport_sends_one_message_per_node_and_returns_replies_per_client
     assert got == {0: (11, 0), 1: (12, 1), 2: (11, 2)}  # 4 did not answer
 
 
-def test_the_cohort_handshake_leaves_out_bad_claims():
+def test_the_cohort_handshake_leaves_out_bad_claims(caplog):
     claims = {
         1: ([0, 2], [10, 20], "d"),
-        2: ([1, 2], [10, 20], "d"),  # claims 2 again
+        2: ([1, 2], [10, 20], "d"),  # claims 2 again: both claimants are out
         3: ([3], [5], "other"),  # another proxy set
         4: ([9], [5], "d"),  # outside 0..4
         5: ([4], [7], "d"),
+        6: ([3, 3], [1, 1], "d"),  # one partition twice
     }
 
     def answer(node, content):
@@ -188,5 +190,74 @@ def test_the_cohort_handshake_leaves_out_bad_claims():
 
     sizes: dict[int, int] = {}
     cohorts = discover_cohorts(FakeGrid(answer), list(claims), 5, 1.0, "d", sizes)
-    assert cohorts == {1: [0, 2], 5: [4]}
-    assert sizes == {0: 10, 2: 20, 4: 7}
+    # on the old main the first claimant of partition 2 kept it: {1: [0, 2], 5: [4]}
+    assert cohorts == {5: [4]}
+    assert sizes == {4: 7}
+    assert "nodes [1, 2] all claim partition 2; none of them is admitted" in caplog.text
+    assert (
+        "node 6 failed the handshake and is left out: malformed reply: it claims partition 3 twice"
+        in caplog.text
+    )
+
+
+def claiming(claims: dict[int, tuple[list[int], list[int]]]):
+    """A cohort grid's answer: each node claims its partitions with their sizes."""
+
+    def answer(node, content):
+        pids, sizes = claims[node]
+        return RecordDict(
+            {
+                METRICS: MetricRecord({"partition-ids": pids, "num-examples": sizes}),
+                INFO: ConfigRecord({"proxy-digest": "d"}),
+            }
+        )
+
+    return answer
+
+
+def test_every_cohort_node_gets_a_fresh_nonce_and_a_stranger_is_refused(caplog):
+    # on the old main the cohort query held no nonce and any reply was read
+    from fedkd.admission import NONCE_BYTES
+
+    grid = FakeGrid(claiming({1: ([0], [5]), 2: ([1], [5])}))
+    assert discover_cohorts(grid, [1, 2], 2, 1.0, "d", {}) == {1: [0], 2: [1]}
+    nonces = [m.content.config_records[CONFIG]["nonce"] for m in grid.sent]
+    assert len(set(nonces)) == 2 and all(len(n) == NONCE_BYTES for n in nonces)
+    caplog.clear()
+    with pytest.raises(FederationError):  # node 3 answers a query sent to node 1
+        discover_cohorts(Misrouted(claiming({1: ([0], [5])})), [1], 2, 1.0, "d", {})
+    assert (
+        "node 3 failed the handshake and is left out: it answered a handshake it was not sent"
+        in caplog.text
+    )
+
+
+class Misrouted(FakeGrid):
+    """Every reply claims to come from node 3."""
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = super().send_and_receive(messages, timeout)
+        for reply in replies:
+            reply.metadata.src_node_id = 3
+        return replies
+
+
+def test_a_cohort_nodes_declared_sizes_are_capped_at_the_known_partition_sizes(caplog):
+    # on the old main: no cap, the tally believed 2**62 examples for partition 2
+    grid = FakeGrid(claiming({1: ([0, 2], [10, 2**62]), 2: ([1], [3])}))
+    sizes: dict[int, int] = {}
+    cohorts = discover_cohorts(grid, [1, 2], 3, 1.0, "d", sizes, known_sizes=[10, 4, 20])
+    assert cohorts == {1: [0, 2], 2: [1]}
+    assert sizes == {0: 10, 1: 3, 2: 20}
+    (line,) = [r.getMessage() for r in caplog.records if "more examples" in r.getMessage()]
+    assert line.startswith("node 1 declares more examples than its cap (partition 2: ")
+
+
+def test_a_cohort_handshake_with_partition_keys_fails_closed(caplog):
+    # on the old main the cohort handshake ignored the key binding altogether
+    from fedkd.admission import PartitionKeys
+
+    grid = FakeGrid(claiming({1: ([0], [5])}))
+    with pytest.raises(FederationError, match="no node passed the partition handshake"):
+        discover_cohorts(grid, [1], 1, 1.0, "d", {}, keys=PartitionKeys({}), run_id=7)
+    assert "node 1 failed the handshake and is left out: no signed claim" in caplog.text
