@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fedkd.atomic import write_atomic
+from fedkd.atomic import open_lock, write_atomic
 from fedkd.errors import FedKDError
 
 try:
@@ -119,12 +119,13 @@ class ClientStore:
     @contextlib.contextmanager
     def _locked(self, partition_id: int) -> Iterator[None]:
         """One save of a partition at a time: a straggler and the next round's client
-        may finish together in two processes."""
+        may finish together in two processes. The lock file is never opened through
+        a link (fedkd/atomic.py): a planted one is an error, not a file touched."""
         if fcntl is None:
             yield
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".client_{partition_id:06d}.lock", "a") as lock:
+        with open_lock(self.root / f".client_{partition_id:06d}.lock") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield

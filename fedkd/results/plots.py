@@ -1,4 +1,6 @@
-"""Per-run figures: accuracy per round and bytes per round."""
+"""Per-run figures: accuracy per round and bytes per round. Each PNG is written
+atomically (fedkd/atomic.py), so a link planted in a run folder is replaced, never
+written through."""
 
 from __future__ import annotations
 
@@ -9,7 +11,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from fedkd.atomic import write_atomic
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Write `fig` as a PNG at `path` and close it."""
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -35,8 +48,7 @@ def plot_run(rows: list[dict[str, Any]], out_dir: Path, title: str = "") -> None
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "accuracy.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out_dir / "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = [r["round"] for r in rows]
@@ -58,8 +70,7 @@ def plot_run(rows: list[dict[str, Any]], out_dir: Path, title: str = "") -> None
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "bytes.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out_dir / "bytes.png")
 
 
 def plot_accuracy_matrix(R: list[list[float | None]], path: Path, title: str = "") -> None:
@@ -87,9 +98,7 @@ def plot_accuracy_matrix(R: list[list[float | None]], path: Path, title: str = "
     ax.set(xlabel="evaluated on", ylabel="trained through", title=title or "accuracy matrix R (%)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_task_accuracy(
@@ -114,9 +123,7 @@ def plot_task_accuracy(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_method_bars(
@@ -137,6 +144,4 @@ def plot_method_bars(
         ax.set(title=titles.get(key, key), xlabel="%", xlim=(0, 100))
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)

@@ -1,7 +1,8 @@
 """The one place results are written: one JSON line per round, a summary, plots.
 
 Loggers fan out from here (file, progress display, plots). `summary.json` is written
-last and atomically, so a run directory with a summary is a finished run.
+last and atomically, so a run directory with a summary is a finished run. No write
+follows a link planted in the run directory (fedkd/atomic.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedkd.atomic import write_atomic
+from fedkd.atomic import make_dir, open_append, write_text_atomic
 from fedkd.errors import FedKDError
 
 REQUIRED_FIELDS = (
@@ -65,10 +66,6 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -125,7 +122,7 @@ class RunRecorder:
         self.elapsed += full.get("wall_seconds") or 0.0
         full["elapsed_seconds"] = self.elapsed
         self.rows.append(full)
-        with self.path.open("a") as f:
+        with open_append(self.path) as f:
             f.write(json.dumps(full, sort_keys=True) + "\n")
             f.flush()
         if self.progress is not None:
@@ -152,7 +149,7 @@ class RunRecorder:
             from fedkd.results import plots
 
             name = str(self.meta.get("strategy", ""))
-            plots.plot_run(self.rows, self.out_dir / "plots", title=name)
+            plots.plot_run(self.rows, make_dir(self.out_dir / "plots"), title=name)
             if (self.meta.get("num_tasks") or 1) > 1:
                 for prefix, who in (("", "server model"), ("student_", "students (mean)")):
                     matrix = summary.get(f"{prefix}accuracy_matrix")
