@@ -42,6 +42,10 @@ log = logging.getLogger("fedkd.app")
 
 DEFAULT_OUT_DIR = "outputs/flwr"
 DEFAULT_STATE_DIR = "~/.cache/fedkd/client_state"
+# a node's declared shard size counts at most this (run config max-examples): in
+# deployment nobody else knows a device's data, so a node cannot claim to be the
+# whole federation (fedkd/admission.py); in simulation the known partition sizes cap it
+DEFAULT_MAX_EXAMPLES = 100_000
 
 
 @lru_cache(maxsize=4)
@@ -67,20 +71,24 @@ server_app = ServerApp()
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
     from fedkd.admission import PartitionKeys
+    from fedkd.atomic import write_text_atomic
     from fedkd.server import run_server
 
     try:
         cfg = run_cfg(_overrides(context))
         keys_file = str(context.run_config.get("partition-keys") or "")
         keys = PartitionKeys.load(keys_file) if keys_file else None
+        limit = context.run_config.get("max-examples", DEFAULT_MAX_EXAMPLES)
+        if type(limit) is not int or limit < 1:
+            raise ConfigError("max-examples", limit, "an integer >= 1")
         out = Path(str(context.run_config.get("out-dir") or DEFAULT_OUT_DIR))
         out = (out / f"run-{context.run_id}").resolve()
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
         log.warning("fedkd: run %s writes its results to %s", context.run_id, out)
         if keys is not None:
             log.warning("fedkd: partitions bound to %d node keys (%s)", len(keys.by_key), keys_file)
-        run_server(grid, cfg, out, keys=keys, run_id=context.run_id)
+        run_server(grid, cfg, out, keys=keys, run_id=context.run_id, max_examples=limit)
     except FedKDError as exc:
         log.error("fedkd: %s", exc)  # one line in the run's log, no traceback
         raise SystemExit(2) from None

@@ -153,6 +153,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, resume: bool = False) -
     quiet_runtime_logs(bool(cfg.simulation.verbose))  # before Flower's imports log anything
     from flwr.simulation import run_simulation
 
+    from fedkd.atomic import write_text_atomic
     from fedkd.client import build_client_app
     from fedkd.server import build_server_app
 
@@ -160,7 +161,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, resume: bool = False) -
     out.mkdir(parents=True, exist_ok=True)
     plain = prepare(cfg, out, resume)
     if not resume:
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
+        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
     verbose = bool(plain["simulation"]["verbose"])
     from fedkd import flower_patches
 

@@ -285,3 +285,18 @@ def test_flwr_server_app_reports_a_bad_override_in_one_line(caplog, tmp_path):
     assert exit_info.value.code == 2
     assert "fedkd: rounds=0 is not allowed: an integer >= 1" in caplog.text
     assert not list(tmp_path.iterdir())  # nothing written for a run that never started
+
+
+def test_flwr_server_app_refuses_a_bad_max_examples_before_writing(caplog, tmp_path):
+    ctx = Context(
+        run_id=3,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"overrides": OVERRIDES, "out-dir": str(tmp_path), "max-examples": 0},
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        flwr_app.server_main(None, ctx)
+    assert exit_info.value.code == 2
+    assert "fedkd: max-examples=0 is not allowed: an integer >= 1" in caplog.text
+    assert not list(tmp_path.iterdir())
