@@ -51,9 +51,15 @@ RUN_KEYS = (
     "mitigation.",
     "privacy.",
     "dataset.",
+    "output.",  # the server's results (plots, progress, checkpoints): unused on a device
+    # the server's own timing: accepted, and on the device the owner's (unused there)
+    "simulation.register_timeout",
+    "simulation.round_timeout",
+    "simulation.fast_dispatch",
+    "simulation.verbose",
 )
 # what only the device's owner decides: files, imports, resources, injected faults
-DEVICE_KEYS = ("plugins", "faults", "simulation", "output", "dataset.root", "dataset.download")
+DEVICE_KEYS = ("plugins", "faults", "simulation", "dataset.root", "dataset.download")
 
 _KEY = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*", re.ASCII)
 _TOKEN = r"[A-Za-z0-9_.+\-]*"
@@ -95,7 +101,8 @@ def _check_override(key: str, sep: str, value: str) -> None:
         raise _refuse(key, "is not a plain key=value setting (no +, ~, @ or hydra syntax)")
     if key == "hydra" or key.startswith("hydra."):
         raise _refuse(key, "may not be set by a run (Hydra's own settings)")
-    if any(key == k or key.startswith(k + ".") for k in DEVICE_KEYS):
+    owners = any(key == k or key.startswith(k + ".") for k in DEVICE_KEYS)
+    if owners and key not in RUN_KEYS:
         raise _refuse(key, "is the device owner's to set, not the run's")
     allowed = (
         key in RUN_GROUPS

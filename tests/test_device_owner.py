@@ -131,6 +131,11 @@ def test_the_owner_config_wins_and_keeps_the_device_keys(tmp_path):
 def test_allowed_overrides_compose_the_same_config_as_the_server():
     assert run_overrides(OVERRIDES) == list(TINY)
     assert compose_node_config(OVERRIDES) == compose_config(OVERRIDES)
+    # the server's own settings pass; on the device they stay the owner's (unused there)
+    server_only = f"{OVERRIDES} output.plots=false simulation.round_timeout=60"
+    node = compose_node_config(server_only)
+    assert node["output"]["plots"] is False
+    assert node["simulation"]["round_timeout"] is None
 
 
 # ------------------------------------------------------------------- rounds and budget
