@@ -198,7 +198,7 @@ def node_cfg(context: Context, node: NodeSettings | None = None) -> dict[str, An
     # a device (fedkd.local_round: its store is fsynced, its DP spending is the
     # ledger's); the same for every node without data of its own, so that nodes
     # sharing a process share one runtime
-    cfg["node"] = {"device": True, "ledger": str(state_dir)}
+    cfg["node"] = {"device": True, "ledger": [str(state_dir), node.partition_id]}
     if node.data_path:
         cfg["node"].update(
             {
@@ -251,7 +251,7 @@ def admit_round(node: NodeSettings, cfg: dict[str, Any], message: Message, run_i
         rate, steps = dp_steps_per_round(shard, dp.batch_size, dp.epochs)
         entry = dp_entry(run_id, plan.round, pv.noise_multiplier, rate, steps)
     delta = min(pv.delta, BUDGET_DELTA)
-    NodeLedger(node.state_dir).admit(entry, node.policy.max_epsilon, delta)
+    NodeLedger(node.state_dir, node.partition_id).admit(entry, node.policy.max_epsilon, delta)
 
 
 def guarded(handler: Callable[[Message, Context], Message]) -> Callable:

@@ -332,13 +332,13 @@ def train_private(
     return loss
 
 
-def private_epsilon(cfg: FedKDConfig, state: dict[str, Any], ledger: str | None = None) -> float:
+def private_epsilon(cfg: FedKDConfig, state: dict[str, Any], ledger: list | None = None) -> float:
     """This client's epsilon so far, over every DP-SGD step it has taken: on a device,
     over every step its ledger holds (all runs, fedkd/node_ledger.py)."""
     if ledger:
         from fedkd.node_ledger import NodeLedger
 
-        return NodeLedger(ledger).epsilon(cfg.privacy.delta)
+        return NodeLedger(*ledger).epsilon(cfg.privacy.delta)  # [state-dir, partition]
     events = [(float(q), n) for q, n in state.get("dp-history", {}).items()]
     return gaussian_epsilon(cfg.privacy.noise_multiplier, events, cfg.privacy.delta)
 

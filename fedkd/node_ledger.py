@@ -8,7 +8,11 @@ the device's privacy again unseen. The node writes one line per accepted round
 and refuses a round that would not go forward within its run or would take its
 epsilon, over everything it ever released, beyond the owner's `max-epsilon`.
 
-    <state-dir>/ledger.jsonl   {"run": 7, "round": 3, "q": 0.0034, "sigma": 1.0, "steps": 294}
+    <state-dir>/ledger-<partition>.jsonl
+        {"run": 7, "round": 3, "q": 0.0034, "sigma": 1.0, "steps": 294}
+
+One file per partition: two SuperNodes on one machine (and one state-dir) each
+keep their own budget.
 
 Lines are appended with O_APPEND | O_NOFOLLOW under an exclusive lock and fsynced;
 an unreadable ledger refuses every round (fail closed), it is never rewritten.
@@ -32,7 +36,9 @@ try:
 except ImportError:  # not POSIX: appends are still atomic lines, not serialized checks
     fcntl = None  # type: ignore[assignment]
 
-FILE = "ledger.jsonl"
+
+def ledger_file(partition_id: int) -> str:
+    return f"ledger-{partition_id}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,8 @@ class Entry:
 
 
 class NodeLedger:
-    def __init__(self, state_dir: str | Path) -> None:
-        self.path = Path(state_dir).expanduser() / FILE
+    def __init__(self, state_dir: str | Path, partition_id: int = 0) -> None:
+        self.path = Path(state_dir).expanduser() / ledger_file(partition_id)
 
     def entries(self) -> list[Entry]:
         """Every line so far; RunRefused if any cannot be read."""
@@ -133,7 +139,7 @@ class NodeLedger:
             yield
             return
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
-        fd = os.open(self.path.with_name(FILE + ".lock"), flags, 0o600)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), flags, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

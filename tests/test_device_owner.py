@@ -178,7 +178,7 @@ def test_replayed_backward_huge_and_float_rounds_cost_nothing(tmp_path, caplog):
     the device reported a fraction of the true epsilon."""
     down = downloads(DP, 1)[1]
     reply = train(tmp_path, down, DP)
-    ledger = NodeLedger(tmp_path / "state")
+    ledger = NodeLedger(tmp_path / "state", 1)
     honest = ledger.epsilon(1e-5)
     shard = reply.content.metric_records["metrics"]["num-examples"]
     assert honest == pytest.approx(one_round_epsilon(DP, shard))
@@ -208,9 +208,9 @@ def test_max_epsilon_refuses_a_round_that_would_overspend(tmp_path, caplog):
         train(tmp_path, down, DP, **{"max-epsilon": 0.01})
     assert "0.01" not in str(info.value)  # the owner's limit stays on the device
     assert "over max-epsilon=0.01" in caplog.text
-    assert NodeLedger(tmp_path / "state").entries() == []
+    assert NodeLedger(tmp_path / "state", 1).entries() == []
     train(tmp_path, down, DP, **{"max-epsilon": 100.0})
-    assert len(NodeLedger(tmp_path / "state").entries()) == 1
+    assert len(NodeLedger(tmp_path / "state", 1).entries()) == 1
 
 
 def test_the_ledger_is_append_only_and_fails_closed(tmp_path):
@@ -227,11 +227,19 @@ def test_the_ledger_is_append_only_and_fails_closed(tmp_path):
     assert composed_epsilon([(0.1, 0.0, 3)], 1e-5) == math.inf  # no noise: no privacy
 
 
+def test_two_nodes_sharing_a_state_dir_keep_their_own_budgets(tmp_path):
+    for pid in (0, 1):  # two SuperNodes on one machine, the default state-dir
+        NodeLedger(tmp_path, pid).admit(Entry(run=7, round=1, q=0.1, sigma=1, steps=5), None, 1e-5)
+    assert NodeLedger(tmp_path, 0).entries() == NodeLedger(tmp_path, 1).entries()
+    with pytest.raises(RunRefused, match="must go forward"):
+        NodeLedger(tmp_path, 1).admit(Entry(run=7, round=1), None, 1e-5)
+
+
 def test_a_symlinked_ledger_is_refused(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("")
     (tmp_path / "state").mkdir()
-    (tmp_path / "state" / "ledger.jsonl").symlink_to(victim)
+    (tmp_path / "state" / "ledger-0.jsonl").symlink_to(victim)
     with pytest.raises(RunRefused, match="ledger is unreadable"):
         NodeLedger(tmp_path / "state").admit(Entry(run=1, round=1), None, 1e-5)
     assert victim.read_text() == ""
