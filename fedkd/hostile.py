@@ -3,12 +3,18 @@
 A fixed, seeded set of partitions trains as usual and then rewrites its reply into
 one of `KINDS`, drawn per (seed, round, partition): malformed metrics, unexpected or
 oversize records, arrays that are NaN, inf or out of range after decoding, codec
-side-data out of range, replies meant for another round, or well-formed but hostile
-logits. Every kind except the well-formed ones (`WELL_FORMED`) must be rejected by
-fedkd/reply_checks.py and the strategy's `check_payload`; the well-formed ones are
-what robust aggregation (`strategy.aggregator`) is for. `crash` sends nothing (the
-client raises): a run whose hostile clients only crash is the same federation
-without them.
+side-data out of range, replies meant for another round, floods of metrics,
+poisoned BatchNorm statistics, or well-formed but hostile logits. Every kind except
+the well-formed ones (`WELL_FORMED`) must be rejected by fedkd/reply_checks.py and
+the strategy's `check_payload`; the well-formed ones are what robust aggregation
+(`strategy.aggregator`) is for. `crash` sends nothing (the client raises): a run
+whose hostile clients only crash is the same federation without them.
+
+Some kinds depend on the client's history or handshake. `initial-accuracy-again`
+is refused only from a client that already replied validly (its first valid reply
+may carry a baseline). `DECLARED_HUGE` kinds claim `OVERSIZED` examples: refused
+against an honest handshake; from a node that declared as much they are aggregated
+with their weight share capped (and `weight-takeover`'s update clipped).
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedkd.protocol import INFO, METRICS
+from fedkd.protocol import INFO, METRICS, WEIGHTS
 from fedkd.seeding import numpy_rng
 
 Rewrite = Callable[[RecordDict, str, "Context"], None]
+OVERSIZED = 2**62  # examples a hostile node claims (and declares, if its handshake may)
+FLOOD = 5000  # unknown metric keys in one reply
 
 
 class Context:
@@ -54,6 +62,46 @@ def _other_round(content: RecordDict, payload: str, ctx: Context) -> None:
 
 def _drop_round(content: RecordDict, payload: str, ctx: Context) -> None:
     del content.metric_records[METRICS]["round"]
+
+
+def _float_round(content: RecordDict, payload: str, ctx: Context) -> None:
+    content.metric_records[METRICS]["round"] = float(ctx.round)
+
+
+def _metric_flood(content: RecordDict, payload: str, ctx: Context) -> None:
+    content.metric_records[METRICS].update({f"x{i}": 1.0 for i in range(FLOOD)})
+
+
+def _initial_again(content: RecordDict, payload: str, ctx: Context) -> None:
+    m = content.metric_records[METRICS]
+    m["initial-task-accuracy"] = [1.0] * len(m.get("task-accuracy", [0.0]))  # b_j once more
+
+
+def _takeover(content: RecordDict, payload: str, ctx: Context) -> None:
+    """Model replacement: weights far from the broadcast (8x the client's own: about 7
+    times the broadcast's norm away, inside the refusal bound of 10), with a declared
+    size that would own a weighted average."""
+    content.metric_records[METRICS]["num-examples"] = OVERSIZED
+    record = content.array_records.get(payload)
+    if payload != WEIGHTS or record is None:
+        return  # soft labels: the claim alone
+    for key in list(record.keys()):
+        arr = record[key].numpy()
+        if np.issubdtype(arr.dtype, np.floating):
+            record[key] = Array(np.ascontiguousarray(arr * 8))
+
+
+def _batchnorm_poison(content: RecordDict, payload: str, ctx: Context) -> None:
+    """A negative running variance and a batch count near int64's end; a reply with no
+    BatchNorm buffers gets them as extra arrays."""
+    record = content.array_records[payload]
+    keys = list(record.keys())
+    poison = {"running_var": np.float32(-1.0), "num_batches_tracked": np.int64(2**62)}
+    for name, value in poison.items():
+        found = [k for k in keys if k.rsplit(".", 1)[-1] == name] or [name]
+        for key in found:
+            shape = record[key].shape if key in record else (1,)
+            record[key] = Array(np.full(shape, value, dtype=np.asarray(value).dtype))
 
 
 def _drop_metrics(content: RecordDict, payload: str, ctx: Context) -> None:
@@ -160,6 +208,12 @@ KINDS: dict[str, Rewrite] = {
     "task-accuracy-wrong-length": _metric("task-accuracy", [0.5] * 7),
     "unknown-metric-list": _metric("extra", [1.0] * 1000),
     "another-round": _other_round,
+    "round-as-float": _float_round,
+    "metric-flood": _metric_flood,
+    "initial-accuracy-again": _initial_again,
+    "examples-oversized": _metric("num-examples", OVERSIZED),
+    "weight-takeover": _takeover,
+    "batchnorm-poison": _batchnorm_poison,
     "no-round": _drop_round,
     "no-metrics": _drop_metrics,
     "extra-metric-record": _extra_metric_record,
@@ -188,6 +242,9 @@ KINDS: dict[str, Rewrite] = {
 WELL_FORMED = ("extreme-logits", "flipped-logits", "uniform-logits")  # robust aggregation
 SILENT = ("crash",)
 INT8_ONLY = ("range-huge", "range-inverted", "range-nan", "range-wrong-shape", "no-range")
+BATCHNORM_ONLY = ("batchnorm-poison",)  # poisons weights with BN buffers (else: extra arrays)
+DECLARED_HUGE = ("examples-oversized", "weight-takeover")  # see the module docstring
+HISTORY = ("initial-accuracy-again",)  # refused from a client that replied validly before
 
 
 def hostile_partitions(seed: int, num_clients: int, fraction: float) -> set[int]:

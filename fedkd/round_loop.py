@@ -136,10 +136,13 @@ def conclude_round(state: ServerState, r: Round, replies: list[Reply]) -> dict[s
         num_tasks=state.data.num_tasks,
         max_examples=None,
     )
-    tally = ReplyTally(r, strategy.check_payload, limits, state.declared_examples)
+    tally = ReplyTally(
+        r, strategy.check_payload, limits, state.declared_examples, state.participated
+    )
     for reply in replies:
         tally.add(reply)
     valid = tally.close(len(replies))
+    state.participated.update(reply.partition_id for reply in valid)
     need = state.cfg.faults.min_replies
     skipped = strategy.uses_clients and len(valid) < need
     extra: dict[str, Any] = {}

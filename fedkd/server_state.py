@@ -46,6 +46,8 @@ class ServerState:
     declared_examples: dict[int, int] = field(default_factory=dict)  # handshake shard sizes
     round: int = 0  # the last finished round
     ray_nodes: set[str] = field(default_factory=set)  # where clients ran (simulation)
+    # partitions with a valid reply so far: only a first reply may carry a baseline
+    participated: set[int] = field(default_factory=set)
 
     def parts(self) -> dict[str, Stateful]:
         """The components with state of their own, by checkpoint key."""
@@ -63,6 +65,7 @@ class ServerState:
             "config_digest": config_digest(self.plain),
             **{key: part.state_dict() for key, part in self.parts().items()},
             "ray_nodes": sorted(self.ray_nodes),
+            "participated": sorted(self.participated),
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": numpy_rng_state(),
         }
@@ -76,6 +79,8 @@ class ServerState:
                 part.load_state_dict(ckpt[key])
         with _restoring("ray_nodes"):
             self.ray_nodes = {str(n) for n in ckpt["ray_nodes"]}
+        with _restoring("participated"):  # absent from checkpoints of older versions
+            self.participated = {int(p) for p in ckpt.get("participated", [])}
         with _restoring("torch_rng"):
             torch.set_rng_state(ckpt["torch_rng"])
         with _restoring("numpy_rng"):

@@ -3,7 +3,8 @@
 Every reply either passes the checks and joins `valid` (sorted by partition id
 before aggregation, since float sums depend on order) or is counted: a client's
 error in `failed`, a reply the checks refuse in `rejected` (one log line naming the
-node and why), a sampled client that never answered in `late`.
+node and why), a sampled client that never answered in `late`. `returning` holds the
+partitions that replied validly in an earlier round (the server state keeps it).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ReplyTally:
     check_payload: Callable[[Round, RecordDict], Any]
     limits: ReplyLimits  # what a reply of this round may hold (fedkd/reply_checks.py)
     declared: dict[int, int] = field(default_factory=dict)  # shard sizes, from the handshake
+    returning: set[int] = field(default_factory=set)  # partitions valid in an earlier round
     valid: list[ClientReply] = field(default_factory=list)
     failed: int = 0
     rejected: int = 0
@@ -75,7 +77,9 @@ class ReplyTally:
             raise InvalidReply(f"partition {pid} was not sampled this round")
         if any(r.partition_id == pid for r in self.valid):
             raise InvalidReply(f"second reply from partition {pid}")
-        limits = replace(self.limits, max_examples=self.declared.get(pid))
+        limits = replace(
+            self.limits, max_examples=self.declared.get(pid), returning=pid in self.returning
+        )
         metrics = check_reply(content, limits, size)
         payload = self.check_payload(self.round, content)
         info = {k: str(v) for k, v in content.config_records.get(INFO, {}).items()}

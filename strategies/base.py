@@ -16,6 +16,7 @@ parent's) plus `conf/strategy/name.yaml`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -55,6 +56,36 @@ class UnsafeAggregate(RuntimeError):
 def require_finite(values: torch.Tensor, what: str) -> None:
     if not torch.isfinite(values).all():
         raise UnsafeAggregate(f"the {what} holds NaN or Inf")
+
+
+def capped_weights(weights: Sequence[float], max_share: float) -> list[float]:
+    """Weights in which no client holds more than `max_share` of the total, so that
+    no declared size, however large, hands one client a weighted average.
+
+    Water-filling: cap the largest shares, hand the excess to the others in
+    proportion to their weights, repeat. Returned unchanged (the same numbers) when
+    no client exceeds the cap; equal weights when the cap cannot be met (< 1/K)."""
+    k, total = len(weights), float(sum(weights))
+    if k == 0 or all(w <= max_share * total for w in weights):
+        return list(weights)
+    if max_share * k < 1 or total <= 0:
+        return [1.0 / k] * k
+    capped: set[int] = set()
+    while True:
+        shares = _spread(weights, capped, max_share)
+        over = {i for i, s in enumerate(shares) if i not in capped and s > max_share}
+        if not over:
+            return shares
+        capped |= over
+
+
+def _spread(weights: Sequence[float], capped: set[int], max_share: float) -> list[float]:
+    """`max_share` to each capped client, the rest in proportion to the others' weights."""
+    free = [float(w) for i, w in enumerate(weights) if i not in capped]
+    left = 1.0 - max_share * len(capped)
+    total = sum(free)
+    scale = iter([left * w / total if total > 0 else left / len(free) for w in free])
+    return [max_share if i in capped else next(scale) for i in range(len(weights))]
 
 
 @dataclass

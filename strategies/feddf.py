@@ -2,7 +2,8 @@
 
 After averaging the clients' weights, the server distills the averaged model toward
 the mean logits of the client models (which it holds) on unlabeled proxy data, with
-Adam and early stopping on a held-out part of the round's proxy subset.
+Adam and early stopping on a held-out part of the round's proxy subset. The client
+models are FedAvg's checked and clipped ones, in the ensemble as in the average.
 """
 
 from __future__ import annotations

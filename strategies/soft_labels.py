@@ -47,7 +47,7 @@ from fedkd.protocol import (
 from fedkd.round import Round
 from fedkd.seeding import derive_seed
 from fedkd.training import soft_labels
-from strategies.base import ServerContext, Strategy
+from strategies.base import ServerContext, Strategy, capped_weights
 from strategies.robust import AggregationParams, robust_center
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ BROADCASTS = ("teacher", "consensus")
 class SoftLabelParams(AggregationParams):
     codec: str = "float16"  # of the clients' uploads (and downloads unless set apart)
     weighted: bool = False  # weight clients by num-examples when aggregating
+    max_weight_share: float = 0.5  # weighted: no client gets more of the average
     label_memory: bool = False
     download_codec: str | None = None  # the teacher's soft labels; None: `codec`
     download_size: int | None = None  # a seeded sample of the round's items; None: all
@@ -84,6 +85,8 @@ class SoftLabelParams(AggregationParams):
             self.download_size,
             f"a whole number from 1 to the proxy items per round ({per_round}), or null (all)",
         )
+        share = self.max_weight_share
+        require(0 < share <= 1, "strategy.max_weight_share", share, "a number in (0, 1]")
         require(
             not (self.robust and self.weighted),
             "strategy.weighted",
@@ -189,8 +192,9 @@ class SoftLabelStrategy(Strategy):
         shape = r.knowledge_shape
         logits = torch.stack([decode(c.arrays, LOGITS, self.codec, shape) for c in replies])
         weights = None
-        if self.p.weighted:
-            weights = torch.tensor([c.num_examples for c in replies], dtype=torch.float32)
+        if self.p.weighted:  # capped: a declared size cannot buy the average
+            sizes = capped_weights([c.num_examples for c in replies], self.p.max_weight_share)
+            weights = torch.tensor(sizes, dtype=torch.float32)
         privacy = self.ctx.privacy
         if privacy.client_level:  # the noisy mean of clipped logits, then post-processing
             logits, weights = privacy.noisy_mean(logits, r.number).unsqueeze(0), None

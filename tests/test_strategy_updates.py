@@ -111,7 +111,8 @@ def test_dsfl_paper_broadcasts_the_last_consensus_on_its_items(plain_cfg):
 
 
 def test_fedavg_weighted_average(plain_cfg):
-    state = server_state(plain_cfg, "strategy=fedavg")
+    # the paper's formula: uncapped shares (the default caps 70% at 50%, test_takeover.py)
+    state = server_state(plain_cfg, "strategy=fedavg", "strategy.max_weight_share=1")
     r, downloads = prepare_round(state, 1)
     base = weights_of(state.strategy.model)
     gen = torch.Generator().manual_seed(0)
