@@ -231,7 +231,8 @@ def test_average_weights_is_weighted_and_keeps_int_buffers():
 
 
 def test_fedavg_averages_weights_and_rejects_mismatched_ones(plain_cfg):
-    state = server_state(plain_cfg, "strategy=fedavg")
+    # a 75% share: the cap (strategy.max_weight_share, tests/test_takeover.py) lifted here
+    state = server_state(plain_cfg, "strategy=fedavg", "strategy.max_weight_share=1")
     s = state.strategy
     r, downloads = prepare_round(state, 1)
     assert WEIGHTS in downloads[0][1].array_records
