@@ -4,12 +4,14 @@ session and stopped by process group, and the CLI calls between them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,3 +110,53 @@ def start_superlink(procs: Processes, env: dict[str, str], certs: Path, port: in
     )  # fmt: skip
     wait_until(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink")
     return link
+
+
+def start_insecure_superlink(procs: Processes, env: dict[str, str], port: int) -> str:
+    """A SuperLink without TLS or node authentication on `port` (loopback only), and
+    `flwr`'s config pointing at it; returns its address once it serves."""
+    link = f"127.0.0.1:{port}"
+    home = Path(env["FLWR_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedkd"\n\n[superlink.fedkd]\naddress = "{link}"\n'
+        "insecure = true\n"
+    )
+    procs.start(
+        "superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
+        "--port", str(port), "--disable-runtime-dependency-installation",
+    )  # fmt: skip
+    wait_until(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink")
+    return link
+
+
+def cli_parallel(env: dict[str, str], commands: list[tuple[str, ...]], timeout: float) -> list[str]:
+    """`cli` for several commands at once, each in its own session (killed with its
+    children if it outlives `timeout`); their outputs, in order."""
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
+        procs = [
+            subprocess.Popen(
+                [str(BIN / args[0]), *args[1:]],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+            for args, log in zip(commands, logs, strict=True)
+        ]
+        deadline = time.monotonic() + timeout
+        outputs = []
+        try:
+            for args, proc, log in zip(commands, procs, logs, strict=True):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                log.seek(0)
+                outputs.append(log.read())
+                assert proc.returncode == 0, f"{args}: {outputs[-1][-3000:]}"
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        return outputs
