@@ -93,7 +93,9 @@ def _runtime(cfg_key: str) -> ClientRuntime:
     # a device's store is fsynced; a simulation's needs only whole files (a killed
     # process leaves the previous state), not survival of a machine crash
     store = ClientStore(store_dir, durable=bool(node))
-    return ClientRuntime(cfg, data, store, device, build_mitigation(cfg), info=worker_info())
+    # a device tells the server nothing about its host (it names no Ray node either)
+    info = {} if node else worker_info()
+    return ClientRuntime(cfg, data, store, device, build_mitigation(cfg), info=info)
 
 
 _LAST: list[Any] = [None, None]  # (plain config, its runtime): the same dict every call

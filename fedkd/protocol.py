@@ -195,7 +195,8 @@ def _field(record: ConfigRecord, name: str, kind: str) -> Any:
         return value
     if kind == "bool" and type(value) is bool:
         return value
-    raise InvalidPlan(f"{key!r} must be a {kind}, not a {type(value).__name__}")
+    want = {"int": "an integer", "float": "a finite number", "str": "a short string"}
+    raise InvalidPlan(f"{key!r} must be {want.get(kind, 'a ' + kind)}, not {value!r:.40}")
 
 
 def _int_list(record: ConfigRecord, key: str) -> list[int]:

@@ -183,12 +183,13 @@ def test_replayed_backward_huge_and_float_rounds_cost_nothing(tmp_path, caplog):
     shard = reply.content.metric_records["metrics"]["num-examples"]
     assert honest == pytest.approx(one_round_epsilon(DP, shard))
     assert reply.content.metric_records["metrics"]["dp-epsilon"] == pytest.approx(honest)
+    assert dict(reply.content.config_records["info"]) == {}  # not even its host name
     for rnd, why in [
         (1, "this run's rounds must go forward"),
         (0, "malformed round plan: round must be an integer >= 1"),
         (2**62, "is outside the run's rounds"),
-        (5.0, "malformed round plan: 'round' must be a int"),
-        (True, "malformed round plan: 'round' must be a int"),
+        (5.0, "malformed round plan: 'round' must be an integer, not 5.0"),
+        (True, "malformed round plan: 'round' must be an integer, not True"),
     ]:
         with pytest.raises(RunRefused, match=why):
             train(tmp_path, with_round(down, rnd), DP)

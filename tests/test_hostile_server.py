@@ -97,7 +97,7 @@ PLAN_ATTACKS = {
     "replayed-round": "this node refuses round 2: this run's rounds must go forward",
     "backward-round": "this node refuses round 1: this run's rounds must go forward",
     "huge-round": PLAN.format(2**62) + f"round={2**62} is outside the run's rounds",
-    "float-round": MALFORMED + "'round' must be a int, not a float",
+    "float-round": MALFORMED + "'round' must be an integer, not 3.0",
     "reply-weights": PLAN.format(3) + "reply='weights' is outside allow-replies",
     "huge-epochs": PLAN.format(3) + "epochs=1000000000/kd_epochs=1 exceed max-epochs",
     "sequential-kd-epochs": PLAN.format(3) + "epochs=1/kd_epochs=1000000000 exceed max-epochs",
@@ -109,7 +109,7 @@ PLAN_ATTACKS = {
     "extra-download": PLAN.format(3) + f"a download of {npy_bytes(128 * 1024)} bytes exceeds",
     "huge-teacher": PLAN.format(3) + f"a download of {npy_bytes(256 * 1024)} bytes exceeds",
     "zero-batch": MALFORMED + "batch-size must be integers >= 1",
-    "nan-lr": MALFORMED + "'lr' must be a float, not a float",
+    "nan-lr": MALFORMED + "'lr' must be a finite number, not nan",
 }
 
 # on the node's PYTHONPATH beside the planted module: each process that imports
