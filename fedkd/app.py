@@ -238,12 +238,16 @@ def admit_round(node: NodeSettings, cfg: dict[str, Any], message: Message, run_i
     settings = typed(cfg)
     plan = RoundPlan.from_record(message.content.config_records[CONFIG])
     nbytes = sum(payload_bytes(r) for r in message.content.array_records.values())
-    shard = shard_size(cfg, node.partition_id, plan.task)
-    broken = node.policy.plan_violations(plan, settings, shard, nbytes)
-    if broken:
-        raise RunRefused(
-            f"this node's policy refuses round {plan.round}'s plan: " + "; ".join(broken)
-        )
+    # first without the shard (its steps counted as one batch an epoch), so that a
+    # plan refused anyway costs the device no data loading; then with it
+    for shard in (0, None):
+        if shard is None:
+            shard = shard_size(cfg, node.partition_id, plan.task)
+        broken = node.policy.plan_violations(plan, settings, shard, nbytes)
+        if broken:
+            raise RunRefused(
+                f"this node's policy refuses round {plan.round}'s plan: " + "; ".join(broken)
+            )
     entry = Entry(run=run_id, round=plan.round)
     pv = settings.privacy
     if pv.mode == "sample":
