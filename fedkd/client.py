@@ -12,11 +12,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkd import faults
-from fedkd.admission import sign_claim
 from fedkd.cohort import COHORT, node_partitions, pack_replies, unpack_downloads
 from fedkd.comm.codecs import recode
 from fedkd.config import typed
 from fedkd.local_round import client_reply, client_runtime, decoded
+from fedkd.partition_keys import sign_claim
 from fedkd.privacy.release import shard_size
 from fedkd.privacy.upload import clip_reply, clip_upload_mod
 from fedkd.protocol import CONFIG, INFO, KNOWLEDGE, METRICS, REPLY_LOGITS, WEIGHTS, RoundPlan
@@ -64,7 +64,7 @@ def handle_query(plain: dict[str, Any], message: Message, context: Context) -> M
 
 def signed_claim(message: Message, context: Context, pid: int) -> dict[str, Any]:
     """With node config `auth-key`: the node's public key and its signature of the
-    server's nonce, the run id and `pid` (fedkd/admission.py), so the server can
+    server's nonce, the run id and `pid` (fedkd/partition_keys.py), so the server can
     check that this partition is this node's; nothing without a key or a nonce."""
     key = context.node_config.get("auth-key")
     config = message.content.config_records.get(CONFIG)

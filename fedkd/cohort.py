@@ -31,8 +31,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedkd.admission import Handshake, PartitionKeys, admit
+from fedkd.admission import Handshake, admit
 from fedkd.config.checks import require
+from fedkd.partition_keys import PartitionKeys
 from fedkd.protocol import CONFIG, TRAIN, InvalidReply
 from fedkd.tally import Reply
 

@@ -17,9 +17,10 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedkd.admission import FederationError, Handshake, PartitionKeys, admit
+from fedkd.admission import FederationError, Handshake, admit
 from fedkd.checkpoint import load_checkpoint
 from fedkd.cohort import COHORT, PER_CLIENT, CohortTransport, discover_cohorts
+from fedkd.partition_keys import PartitionKeys
 from fedkd.privacy.release import shard_size
 from fedkd.resources import visible_gpus
 from fedkd.results.progress import RoundProgress

@@ -114,7 +114,7 @@ def make_node_keys(out: Path, nodes: int) -> list[Path]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from fedkd.admission import public_key_text
+    from fedkd.partition_keys import public_key_text
 
     if nodes < 1:
         raise FedKDError(f"--nodes={nodes} is not allowed: an integer >= 1")

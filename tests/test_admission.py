@@ -11,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedkd.admission import PartitionKeys, public_key_text
 from fedkd.errors import ConfigError
+from fedkd.partition_keys import PartitionKeys, public_key_text
 from fedkd.privacy.ledger import PrivacyLedger
 from fedkd.protocol import CONFIG, INFO, METRICS
 from fedkd.server import discover_partitions
@@ -100,7 +100,7 @@ def new_key() -> ec.EllipticCurvePrivateKey:
 def signing_grid(partitions, keys, claims=None, run_id=RUN, tamper=()):
     """Nodes that sign their claim (or `claims[node]`) with `keys[node]` as
     fedkd.client.signed_claim does; `tamper` nodes sign another nonce."""
-    from fedkd.admission import challenge
+    from fedkd.partition_keys import challenge
 
     def craft(node, query):
         if node not in keys:

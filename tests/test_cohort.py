@@ -255,7 +255,7 @@ def test_a_cohort_nodes_declared_sizes_are_capped_at_the_known_partition_sizes(c
 
 def test_a_cohort_handshake_with_partition_keys_fails_closed(caplog):
     # on the old main the cohort handshake ignored the key binding altogether
-    from fedkd.admission import PartitionKeys
+    from fedkd.partition_keys import PartitionKeys
 
     grid = FakeGrid(claiming({1: ([0], [5])}))
     with pytest.raises(FederationError, match="no node passed the partition handshake"):

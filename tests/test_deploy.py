@@ -10,7 +10,6 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from PIL import Image
 
 from fedkd import app as flwr_app
-from fedkd.admission import PartitionKeys, Refused
 from fedkd.compose import compose_config
 from fedkd.data.device import (
     device_federated_data,
@@ -21,6 +20,7 @@ from fedkd.data.device import (
 )
 from fedkd.data.federated import federated_data
 from fedkd.errors import ConfigError, DataError, FedKDError
+from fedkd.partition_keys import PartitionKeys, Refused
 from fedkd.protocol import CONFIG, INFO, METRICS, QUERY
 from simulations import deploy
 from tests.conftest import TINY

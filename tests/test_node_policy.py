@@ -11,6 +11,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from fedkd import app as flwr_app
+from fedkd import node as node_side
 from fedkd.errors import ConfigError
 from fedkd.node_config import RunRefused
 from fedkd.node_policy import NodePolicy, local_steps
@@ -217,8 +218,8 @@ def test_the_flwr_app_refuses_before_any_training(monkeypatch, tmp_path):
     delegated = []
     monkeypatch.setattr(flwr_app, "_delegate", lambda cfg, m, c: delegated.append(m) or "trained")
     fake = {"simulation": {"num_gpus": 0, "num_cpus": 1}, "privacy": {}}
-    monkeypatch.setattr(flwr_app, "requested_cfg", lambda context, node: fake)
-    monkeypatch.setattr(flwr_app, "typed", lambda cfg: run("fedavg"))
+    monkeypatch.setattr(node_side, "requested_cfg", lambda context, node: fake)
+    monkeypatch.setattr(node_side, "typed", lambda cfg: run("fedavg"))
     monkeypatch.setattr("fedkd.local_round.shard_size", lambda cfg, pid, task: 100)
 
     def train(node_config, reply):
