@@ -50,7 +50,8 @@ def test_a_logits_only_node_refuses_weights_and_an_impostor_is_left_out(tmp_path
                 "--root-certificates", str(certs / "ca.crt"),
                 "--auth-supernode-private-key", str(keys / f"node-{key}"),
                 "--node-config",
-                f'partition-id={pid} auth-key="{keys / f"node-{key}"}"{policy}',
+                f'partition-id={pid} auth-key="{keys / f"node-{key}"}"{policy} '
+                f'state-dir="{tmp_path / "state" / name}"',
             )  # fmt: skip
         dh.wait_until(lambda: dh.online_nodes(env) == 3, 120, "three SuperNodes")
         out = tmp_path / "out"

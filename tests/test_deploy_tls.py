@@ -51,7 +51,8 @@ def test_tls_authenticated_deployment_runs_dsfl_and_refuses_strangers(tmp_path):
         def supernode(name: str, *args: str, node_config: str) -> subprocess.Popen:
             return procs.start(
                 name, "flower-supernode", "--superlink", link, "--port", str(free_port()),
-                "--node-config", node_config, *args,
+                "--node-config", f'{node_config} state-dir="{tmp_path / "state" / name}"',
+                *args,
             )  # fmt: skip
 
         tls = ("--root-certificates", str(certs / "ca.crt"))
