@@ -190,9 +190,9 @@ def _capped(node: int, claim: dict[int, int | None], rules: Handshake) -> dict[i
         cap = rules.cap(pid)
         if declared is not None and cap is not None and declared > cap:
             over.append(f"partition {pid}: {declared} > {cap}")
-        size = declared if cap is None else cap if declared is None else min(declared, cap)
-        if size is not None:
-            kept[pid] = size
+        known = [n for n in (declared, cap) if n is not None]
+        if known:
+            kept[pid] = min(known)
     if over:
         log.warning(
             "node %s declares more examples than its cap (%s%s); its replies count at most that",

@@ -109,9 +109,7 @@ def requested_cfg(context: Context, node: NodeSettings) -> dict[str, Any]:
         with contextlib.suppress(OSError):  # a changed file is read again
             st = Path(node.config).expanduser().stat()
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-    if not isinstance(overrides, str):
-        raise RunRefused("this node refuses the run config: 'overrides' must be a string")
-    return _node_config(overrides, node.config, stamp)
+    return _node_config(overrides, node.config, stamp)  # a non-string: run_overrides refuses
 
 
 def node_cfg(context: Context, node: NodeSettings | None = None) -> dict[str, Any]:
@@ -151,7 +149,7 @@ def admit_round(node: NodeSettings, cfg: dict[str, Any], message: Message, run_i
     to the node's ledger (forward within the run, within max-epsilon); RunRefused."""
     from fedkd.comm.codecs import payload_bytes
     from fedkd.local_round import shard_size
-    from fedkd.node_ledger import Entry, NodeLedger, dp_entry
+    from fedkd.node_ledger import Entry, NodeLedger
     from fedkd.node_policy import BUDGET_DELTA
     from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round
 
@@ -160,22 +158,24 @@ def admit_round(node: NodeSettings, cfg: dict[str, Any], message: Message, run_i
     nbytes = sum(payload_bytes(r) for r in message.content.array_records.values())
     # first without the shard (its steps counted as one batch an epoch), so that a
     # plan refused anyway costs the device no data loading; then with it
-    for shard in (0, None):
-        if shard is None:
-            shard = shard_size(cfg, node.partition_id, plan.task)
-        broken = node.policy.plan_violations(plan, settings, shard, nbytes)
-        if broken:
-            raise RunRefused(
-                f"this node's policy refuses round {plan.round}'s plan: " + "; ".join(broken)
-            )
+    _refuse_plan(plan, node.policy.plan_violations(plan, settings, 0, nbytes))
+    shard = shard_size(cfg, node.partition_id, plan.task)
+    _refuse_plan(plan, node.policy.plan_violations(plan, settings, shard, nbytes))
     entry = Entry(run=run_id, round=plan.round)
     pv = settings.privacy
     if pv.mode == "sample":
         dp = DPSGD.from_config(pv, plan.training)
         rate, steps = dp_steps_per_round(shard, dp.batch_size, dp.epochs)
-        entry = dp_entry(run_id, plan.round, pv.noise_multiplier, rate, steps)
+        entry = Entry(run_id, plan.round, q=rate, sigma=pv.noise_multiplier, steps=steps)
     delta = min(pv.delta, BUDGET_DELTA)
     NodeLedger(node.state_dir, node.partition_id).admit(entry, node.policy.max_epsilon, delta)
+
+
+def _refuse_plan(plan: RoundPlan, broken: list[str]) -> None:
+    if broken:
+        raise RunRefused(
+            f"this node's policy refuses round {plan.round}'s plan: " + "; ".join(broken)
+        )
 
 
 def guarded(handler: Callable[[Message, Context], Message]) -> Callable:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -145,10 +144,3 @@ class NodeLedger:
             yield
         finally:
             os.close(fd)
-
-
-def dp_entry(run: int, rnd: int, sigma: float, rate: float, steps: int) -> Entry:
-    """The ledger line of a DP-SGD round (rate and steps: fedkd.privacy.dpsgd)."""
-    if not math.isfinite(sigma):
-        raise ValueError("sigma must be finite")
-    return Entry(run=run, round=rnd, q=float(rate), sigma=float(sigma), steps=int(steps))

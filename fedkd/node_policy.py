@@ -200,15 +200,17 @@ class NodePolicy:
 def local_steps(plan: RoundPlan, cfg: FedKDConfig, shard: int) -> int:
     """An upper bound on the optimizer steps the plan asks of a node with `shard`
     private examples: local (or DP-SGD) epochs, sequential KD epochs, rehearsal."""
-    hp, pv = plan.training, cfg.privacy
+    from fedkd.privacy.dpsgd import DPSGD
+
+    hp = plan.training
 
     def batches(n: int, size: int) -> int:
         return max(1, -(-n // size))
 
     epochs, batch = hp.epochs, hp.batch_size
-    if pv.mode == "sample":
-        epochs = pv.epochs if pv.epochs is not None else epochs
-        batch = pv.batch_size if pv.batch_size is not None else batch
+    if cfg.privacy.mode == "sample":  # DP-SGD's own settings, each unset one the plan's
+        dp = DPSGD.from_config(cfg.privacy, hp)
+        epochs, batch = dp.epochs, dp.batch_size
     steps = epochs * batches(shard, batch)
     kd_items = plan.proxy_count + sum(s.count for s in plan.teacher_proxy)
     if hp.schedule == "sequential":

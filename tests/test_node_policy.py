@@ -49,6 +49,10 @@ def run(strategy="dsfl", mode="none", noise=1.0, dp_epochs=None, dp_batch_size=N
         batch_size=dp_batch_size,
         secure_noise=kw.get("secure", True),
         delta=1e-5,
+        max_grad_norm=1.0,
+        lr=None,
+        momentum=None,
+        optimizer="sgd",
     )
     train = SimpleNamespace(epochs=kw.get("epochs", 1), batch_size=32)
     distill = SimpleNamespace(
