@@ -99,3 +99,13 @@ def make_dir(path: str | Path) -> Path:
         raise SymlinkError(f"{path} is a symbolic link; fedkd does not write through it")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def write_new(path: str | Path, data: bytes) -> None:
+    """Write a file that must not exist yet (keys, certificates, bundles): an existing
+    one is never overwritten, one FedKDError says so."""
+    path = Path(path)
+    if path.exists():
+        raise FedKDError(f"{path} exists; remove it or pick another directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.write(data))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations import deploy
+from simulations import code_trust, deploy
 from tests import deploy_helpers as dh
 
 PROBE_TOML = """\
@@ -88,7 +88,7 @@ def test_sign_key_writes_what_flower_supernode_loads(tmp_path, capsys):
 
     entities = _try_obtain_trusted_entities(keys / "trusted-entities.yaml")
     (key_id,) = entities
-    assert key_id == deploy._key_id(key.public_key())
+    assert key_id == code_trust._key_id(key.public_key())
     assert entities[key_id] == (keys / "fab-signing-key.pub").read_text().strip()
     before = (keys / "fab-signing-key").read_bytes()
     with pytest.raises(SystemExit) as exit_info:
@@ -127,7 +127,7 @@ def test_a_signed_fab_verifies_and_other_bytes_or_keys_do_not(tmp_path):
 
 @pytest.fixture
 def hub_url(tmp_path):
-    server = deploy.make_hub(tmp_path / "hub", "127.0.0.1", 0)
+    server = code_trust.make_hub(tmp_path / "hub", "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     host, port = server.server_address[:2]
