@@ -12,10 +12,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkd import faults
+from fedkd.client_runtime import client_runtime
 from fedkd.cohort import COHORT, node_partitions, pack_replies, unpack_downloads
 from fedkd.comm.codecs import recode
 from fedkd.config import typed
-from fedkd.local_round import client_reply, client_runtime, decoded
+from fedkd.local_round import client_reply, decoded
 from fedkd.partition_keys import sign_claim
 from fedkd.privacy.release import shard_size
 from fedkd.privacy.upload import clip_reply, clip_upload_mod

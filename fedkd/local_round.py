@@ -12,26 +12,20 @@ See docs/design.md, "One round, as data flows".
 
 from __future__ import annotations
 
-import json
-import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
-from fedkd.client_store import ClientStore
+from fedkd.client_runtime import ClientRuntime, client_runtime
 from fedkd.comm.codecs import check, decode, encode
 from fedkd.comm.npy import array_from_numpy
 from fedkd.config import FedKDConfig, typed
-from fedkd.data.device import device_federated_data
-from fedkd.data.federated import FederatedData, federated_data
-from fedkd.mitigations import ClientRound, Mitigation, build_mitigation
+from fedkd.data.federated import FederatedData
+from fedkd.mitigations import ClientRound
 from fedkd.models import create_model, with_activation
 from fedkd.privacy import gaussian_epsilon
 from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
@@ -51,67 +45,8 @@ from fedkd.protocol import (
     InvalidReply,
     RoundPlan,
 )
-from fedkd.resources import client_device, in_ray_worker
 from fedkd.seeding import torch_generator
 from fedkd.training import accuracy, on_device, predict_logits, train_student
-
-
-@dataclass
-class ClientRuntime:
-    """What a worker process loads once and reuses for every client it serves."""
-
-    cfg: FedKDConfig
-    data: FederatedData
-    store: ClientStore
-    device: str
-    mitigation: Mitigation
-    blanks: dict[str, nn.Module] = field(default_factory=dict)
-    info: dict[str, str] = field(default_factory=dict)  # where this worker runs
-
-    def blank(self, arch: str, build: Callable[[], nn.Module]) -> nn.Module:
-        """This worker's reusable module of architecture `arch`: its weights are
-        overwritten before use, and a worker serves one client at a time."""
-        if arch not in self.blanks:
-            self.blanks[arch] = build()
-        return self.blanks[arch]
-
-
-@lru_cache(maxsize=2)
-def _runtime(cfg_key: str) -> ClientRuntime:
-    plain = json.loads(cfg_key)
-    cfg = typed(plain)
-    sim = cfg.simulation
-    if in_ray_worker():
-        torch.set_num_threads(sim.num_cpus)
-    store_dir = sim.client_state_dir or str(Path.cwd() / "client_state")
-    node = plain.get("node") or {}  # set by fedkd.app on a SuperNode (data-path: its own data)
-    if node.get("data-path"):
-        data = device_federated_data(plain, node["partition-id"], node["data-path"], node["bundle"])
-    else:
-        data = federated_data(plain)
-    device = client_device(float(sim.num_gpus))
-    # a device's store is fsynced; a simulation's needs only whole files (a killed
-    # process leaves the previous state), not survival of a machine crash
-    store = ClientStore(store_dir, durable=bool(node))
-    # a device tells the server nothing about its host (it names no Ray node either)
-    info = {} if node else worker_info()
-    return ClientRuntime(cfg, data, store, device, build_mitigation(cfg), info=info)
-
-
-_LAST: list[Any] = [None, None]  # (plain config, its runtime): the same dict every call
-
-
-def client_runtime(plain: dict[str, Any]) -> ClientRuntime:
-    """This process's runtime for the plain config, built on the first call (a
-    ClientApp passes the same dict every time; keying it costs a JSON dump)."""
-    if _LAST[0] is plain:
-        return _LAST[1]
-    from fedkd.registry import import_plugins
-
-    import_plugins(plain.get("plugins") or [])  # before the mitigation is looked up
-    runtime = _runtime(json.dumps(plain, sort_keys=True))
-    _LAST[:] = [plain, runtime]
-    return runtime
 
 
 def new_student(cfg: FedKDConfig | dict, data: FederatedData, partition_id: int) -> nn.Module:
@@ -343,19 +278,3 @@ def private_epsilon(cfg: FedKDConfig, state: dict[str, Any], ledger: list | None
         return NodeLedger(*ledger).epsilon(cfg.privacy.delta)  # [state-dir, partition]
     events = [(float(q), n) for q, n in state.get("dp-history", {}).items()]
     return gaussian_epsilon(cfg.privacy.noise_multiplier, events, cfg.privacy.delta)
-
-
-def shard_size(plain: dict[str, Any], pid: int, task: int) -> int:
-    """How many private examples partition `pid` trains on in `task` (on a device:
-    its own data), before any plan is served."""
-    return len(client_runtime(plain).data.client_data(pid, task)[1])
-
-
-def worker_info() -> dict[str, str]:
-    """Where this client ran: the host and, in simulation, the Ray node."""
-    info = {"host": socket.gethostname(), "ray-node": ""}
-    if in_ray_worker():
-        import ray
-
-        info["ray-node"] = ray.get_runtime_context().get_node_id()
-    return info

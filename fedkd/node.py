@@ -129,7 +129,7 @@ def node_cfg(context: Context, node: NodeSettings | None = None) -> dict[str, An
     # the noise a device adds to protect its data is secret, whatever the server's
     # config says: replayable noise is for simulation studies only
     cfg["privacy"] = {**cfg["privacy"], "secure_noise": True}
-    # a device (fedkd.local_round: its store is fsynced, its DP spending is the
+    # a device (fedkd.client_runtime: its store is fsynced, its DP spending is the
     # ledger's); the same for every node without data of its own, so that nodes
     # sharing a process share one runtime
     cfg["node"] = {"device": True, "ledger": [str(state_dir), node.partition_id]}
@@ -147,8 +147,8 @@ def node_cfg(context: Context, node: NodeSettings | None = None) -> dict[str, An
 def admit_round(node: NodeSettings, cfg: dict[str, Any], message: Message, run_id: int) -> None:
     """Before any training: the plan within the node's policy, and its round admitted
     to the node's ledger (forward within the run, within max-epsilon); RunRefused."""
+    from fedkd.client_runtime import shard_size
     from fedkd.comm.codecs import payload_bytes
-    from fedkd.local_round import shard_size
     from fedkd.node_ledger import Entry, NodeLedger
     from fedkd.node_policy import BUDGET_DELTA
     from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round

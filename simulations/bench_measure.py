@@ -174,7 +174,8 @@ def _serve_group(group: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
 def _train_group(group: list[tuple[int, Any]]) -> tuple[int, float]:
     """Only the local SGD of a group's clients (see `run_training_floor`); returns
     this process's id and the seconds it trained."""
-    from fedkd.local_round import client_runtime, new_student
+    from fedkd.client_runtime import client_runtime
+    from fedkd.local_round import new_student
     from fedkd.protocol import CONFIG, RoundPlan
     from fedkd.seeding import torch_generator
     from fedkd.training import train_student

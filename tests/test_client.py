@@ -10,9 +10,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from fedkd.client import build_client_app
+from fedkd.client_runtime import client_runtime
 from fedkd.comm.codecs import check, encode
 from fedkd.config import typed
-from fedkd.local_round import client_runtime
 from fedkd.protocol import (
     CONFIG,
     KNOWLEDGE,

@@ -8,12 +8,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from fedkd.client import build_client_app
+from fedkd.client_runtime import client_runtime
 from fedkd.comm.codecs import encode, payload_bytes
 from fedkd.comm.npy import array_from_numpy
 from fedkd.config import validate
 from fedkd.errors import ConfigError
 from fedkd.inversion import Inversion, invert, soft_targets
-from fedkd.local_round import client_runtime, new_student
+from fedkd.local_round import new_student
 from fedkd.mitigations.student_memory import MEMORY_INPUTS
 from fedkd.protocol import (
     CONFIG,

@@ -224,7 +224,7 @@ def test_the_flwr_app_refuses_before_any_training(monkeypatch, tmp_path):
     fake = {"simulation": {"num_gpus": 0, "num_cpus": 1}, "privacy": {}}
     monkeypatch.setattr(node_side, "requested_cfg", lambda context, node: fake)
     monkeypatch.setattr(node_side, "typed", lambda cfg: run("fedavg"))
-    monkeypatch.setattr("fedkd.local_round.shard_size", lambda cfg, pid, task: 100)
+    monkeypatch.setattr("fedkd.client_runtime.shard_size", lambda cfg, pid, task: 100)
 
     def train(node_config, reply):
         msg = Message(

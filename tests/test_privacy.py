@@ -226,7 +226,8 @@ def test_dp_replies_carry_no_unaccounted_private_metric(plain_cfg, mode):
 def test_dp_sgd_has_its_own_settings_and_is_accounted_by_them(plain_cfg, optimizer):
     """privacy.batch_size/epochs/lr/optimizer drive the private steps, and the
     epsilon a client reports is the accountant's for exactly those steps."""
-    from fedkd.local_round import client_reply, client_runtime
+    from fedkd.client_runtime import client_runtime
+    from fedkd.local_round import client_reply
     from fedkd.protocol import METRICS
     from fedkd.round_loop import prepare_round
     from fedkd.server_state import build_server_state
