@@ -36,6 +36,7 @@ class ClientRuntime:
     mitigation: Mitigation
     blanks: dict[str, nn.Module] = field(default_factory=dict)
     info: dict[str, str] = field(default_factory=dict)  # where this worker runs
+    ledger: tuple[str, int] | None = None  # a device's DP ledger (state-dir, partition)
 
     def blank(self, arch: str, build: Callable[[], nn.Module]) -> nn.Module:
         """This worker's reusable module of architecture `arch`: its weights are
@@ -64,7 +65,8 @@ def _runtime(cfg_key: str) -> ClientRuntime:
     store = ClientStore(store_dir, durable=bool(node))
     # a device tells the server nothing about its host (it names no Ray node either)
     info = {} if node else worker_info()
-    return ClientRuntime(cfg, data, store, device, build_mitigation(cfg), info=info)
+    ledger = tuple(node["ledger"]) if node.get("ledger") else None
+    return ClientRuntime(cfg, data, store, device, build_mitigation(cfg), info=info, ledger=ledger)
 
 
 _LAST: list[Any] = [None, None]  # (plain config, its runtime): the same dict every call

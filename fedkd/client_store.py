@@ -40,8 +40,11 @@ log = logging.getLogger("fedkd")
 
 ROUND = "_round"  # the round a saved state comes from
 MARKER = ".fedkd-run"  # the id of the run that owns the store
-# every file a store writes: states, their temporary files (fedkd.atomic), locks
-OWN_FILE = re.compile(r"\.?client_\d{6}(\.prev)?\.pt(-.*)?|\.client_\d{6}\.lock")
+# every file a store writes: states, their temporary files (fedkd.atomic), locks, and
+# a simulated client's DP ledger (fedkd/node_ledger.py) with its lock
+OWN_FILE = re.compile(
+    r"\.?client_\d{6}(\.prev)?\.pt(-.*)?|\.client_\d{6}\.lock|dp_ledger_\d{6}\.jsonl(\.lock)?"
+)
 
 
 class StoreError(FedKDError):

@@ -27,7 +27,7 @@ from fedkd.config import FedKDConfig, typed
 from fedkd.data.federated import FederatedData
 from fedkd.mitigations import ClientRound
 from fedkd.models import create_model, with_activation
-from fedkd.privacy import gaussian_epsilon
+from fedkd.node_ledger import Entry, NodeLedger, simulation_ledger_file
 from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
 from fedkd.privacy.noise import DPNoise
 from fedkd.privacy.release import releasable
@@ -197,7 +197,7 @@ def client_reply(
     loss, info = train_round(runtime, ctx)
     metrics.update(info)
     if cfg.privacy.mode == "sample":
-        metrics["dp-epsilon"] = private_epsilon(cfg, state, (plain.get("node") or {}).get("ledger"))
+        metrics["dp-epsilon"] = private_epsilon(runtime, pid)
         metrics["dp-secure-noise"] = int(cfg.privacy.secure_noise)
     task_acc = evaluate_tasks(student, data, runtime.device)
     metrics.update(
@@ -249,6 +249,10 @@ def train_private(
     to the client's accounting history, kept with its state as {sample rate: steps}."""
     pv, hp = runtime.cfg.privacy, ctx.training
     dp = DPSGD.from_config(pv, hp)
+    rate, steps = dp_steps_per_round(len(y), dp.batch_size, dp.epochs)
+    if runtime.ledger is None:  # simulated: written before training, retries and replays too
+        entry = Entry(0, ctx.plan.round, rate, dp.noise_multiplier, steps)
+        simulation_ledger(runtime, ctx.partition_id).record(entry)
     noise = DPNoise(None if pv.secure_noise else ctx.generator)  # secret unless asked not to be
     loss, steps = dp_train_student(
         ctx.student,
@@ -262,19 +266,19 @@ def train_private(
         device=runtime.device,
         noise=noise,
     )
-    rate, _ = dp_steps_per_round(len(y), dp.batch_size, dp.epochs)
-    history = ctx.state.setdefault("dp-history", {})
-    key = repr(float(rate))
-    history[key] = history.get(key, 0) + steps
     return loss
 
 
-def private_epsilon(cfg: FedKDConfig, state: dict[str, Any], ledger: list | None = None) -> float:
-    """This client's epsilon so far, over every DP-SGD step it has taken: on a device,
-    over every step its ledger holds (all runs, fedkd/node_ledger.py)."""
-    if ledger:
-        from fedkd.node_ledger import NodeLedger
+def simulation_ledger(runtime: ClientRuntime, pid: int) -> NodeLedger:
+    """A simulated client's append-only DP ledger, in the run's client store."""
+    return NodeLedger(runtime.store.root, pid, simulation_ledger_file(pid))
 
-        return NodeLedger(*ledger).epsilon(cfg.privacy.delta)  # [state-dir, partition]
-    events = [(float(q), n) for q, n in state.get("dp-history", {}).items()]
-    return gaussian_epsilon(cfg.privacy.noise_multiplier, events, cfg.privacy.delta)
+
+def private_epsilon(runtime: ClientRuntime, pid: int) -> float:
+    """This client's epsilon so far, over every DP-SGD step its ledger holds: a
+    device's over all runs (fedkd/node_ledger.py), a simulated client's over this run,
+    each round as often as it was trained."""
+    delta = runtime.cfg.privacy.delta
+    if runtime.ledger is not None:
+        return NodeLedger(*runtime.ledger).epsilon(delta)  # [state-dir, partition]
+    return simulation_ledger(runtime, pid).epsilon(delta)

@@ -63,9 +63,17 @@ class Entry:
         return entry
 
 
+def simulation_ledger_file(partition_id: int) -> str:
+    """A simulated client's ledger in the run's client store (fedkd/client_store.py
+    clears it with the store when a new run starts; a resumed run keeps it)."""
+    return f"dp_ledger_{partition_id:06d}.jsonl"
+
+
 class NodeLedger:
-    def __init__(self, state_dir: str | Path, partition_id: int = 0) -> None:
-        self.path = Path(state_dir).expanduser() / ledger_file(partition_id)
+    def __init__(
+        self, state_dir: str | Path, partition_id: int = 0, name: str | None = None
+    ) -> None:
+        self.path = Path(state_dir).expanduser() / (name or ledger_file(partition_id))
 
     def entries(self) -> list[Entry]:
         """Every line so far; RunRefused if any cannot be read."""
@@ -118,6 +126,12 @@ class NodeLedger:
                         f"epsilon would reach {eps:.4g} at delta {delta:g}, "
                         f"over max-epsilon={max_epsilon:g}",
                     )
+            self._append(entry)
+
+    def record(self, entry: Entry) -> None:
+        """Append `entry` whatever came before: a simulated client counts a retried
+        or replayed round again rather than refusing it (its server is the simulator)."""
+        with self._locked():
             self._append(entry)
 
     def _append(self, entry: Entry) -> None:

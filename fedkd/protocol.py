@@ -220,6 +220,7 @@ class ClientReply:
     arrays: Any  # what the strategy's check_payload returned (a record or its decoding)
     bytes_up: int
     info: dict[str, str] = field(default_factory=dict)
+    upload: ArrayRecord | None = None  # the payload record as received (the privacy layer's)
 
 
 def check_array(

@@ -2,10 +2,10 @@
 run `run_rounds`; only the transport differs (`GridTransport`: Flower messages to
 nodes; `DirectTransport`: the client function called in this process).
 
-    begin_round     sample clients, fix the proxy items (strategy + mitigation)
+    begin_round     sample clients (privacy layer or strategy), fix the proxy items
     prepare_round   plan + payload per client (strategy.plan, .broadcast; mitigation)
     transport       downloads out, replies in
-    conclude_round  tally the replies, strategy.aggregate, privacy ledger
+    conclude_round  tally the replies, the privacy layer, strategy.aggregate
     run_rounds      + evaluation, task-end hooks, recorder row, checkpoint
 """
 
@@ -97,7 +97,11 @@ class DirectTransport:
 def begin_round(state: ServerState, rnd: int) -> Round:
     """Sample the round's clients and fix its proxy items."""
     strategy, mitigation = state.strategy, state.mitigation
-    sampled = strategy.sample_clients(rnd, state.population) if strategy.uses_clients else []
+    sampled = (
+        state.privacy.sample_clients(rnd, state.population, strategy.sample_clients)
+        if strategy.uses_clients
+        else []
+    )
     r = Round(rnd, sampled, state.data)
     own = strategy.proxy_segments(rnd) if strategy.uses_proxy or mitigation.needs_proxy else []
     r.segments = own + mitigation.extra_segments(rnd)
@@ -142,6 +146,7 @@ def conclude_round(state: ServerState, r: Round, replies: list[Reply]) -> dict[s
     for reply in replies:
         tally.add(reply)
     valid = tally.close(len(replies))
+    state.privacy.count_round(r, state.declared_examples)  # whatever became of the replies
     state.participated.update(reply.partition_id for reply in valid)
     need = state.cfg.faults.min_replies
     skipped = strategy.uses_clients and len(valid) < need
@@ -156,7 +161,10 @@ def conclude_round(state: ServerState, r: Round, replies: list[Reply]) -> dict[s
         )
     else:
         try:
-            _, extra = strategy.aggregate(r, valid)
+            # under privacy.mode=client the strategy sees only the noised mean
+            _, extra = strategy.aggregate(
+                r, state.privacy.release(r, valid, strategy.check_payload)
+            )
         except UnsafeAggregate as exc:
             skipped = True
             log.warning("round %d: %s; round skipped", r.number, exc)

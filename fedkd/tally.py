@@ -83,7 +83,8 @@ class ReplyTally:
         metrics = check_reply(content, limits, size)
         payload = self.check_payload(self.round, content)
         info = {k: str(v) for k, v in content.config_records.get(INFO, {}).items()}
-        return ClientReply(pid, int(metrics["num-examples"]), metrics, payload, size, info)
+        upload = content.array_records.get(self.limits.payload) if self.limits.payload else None
+        return ClientReply(pid, int(metrics["num-examples"]), metrics, payload, size, info, upload)
 
     def close(self, received: int) -> list[ClientReply]:
         """After the last reply: count the missing ones; the valid ones in partition order."""

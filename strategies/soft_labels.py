@@ -195,9 +195,6 @@ class SoftLabelStrategy(Strategy):
         if self.p.weighted:  # capped: a declared size cannot buy the average
             sizes = capped_weights([c.num_examples for c in replies], self.p.max_weight_share)
             weights = torch.tensor(sizes, dtype=torch.float32)
-        privacy = self.ctx.privacy
-        if privacy.client_level:  # the noisy mean of clipped logits, then post-processing
-            logits, weights = privacy.noisy_mean(logits, r.number).unsqueeze(0), None
         target = self.aggregate_knowledge(logits, weights)
         rows, _ = self.data.proxy_items(r.segments)
         # a diagnostic only the simulator can give: the proxy set's held-back labels

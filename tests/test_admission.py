@@ -230,7 +230,7 @@ def test_dp_sampling_rate_is_over_the_partitions_admitted():
     assert fewer.sample_rate == 3 / 5
     fewer.set_population(2)
     assert fewer.sample_rate == 1.0  # fewer than clients_per_round: all sampled
-    full.noised_rounds = fewer.noised_rounds = 4
+    full.rounds = fewer.rounds = 4
     fewer.set_population(5)
     assert fewer.stats()["epsilon"] > full.stats()["epsilon"]
 

@@ -245,9 +245,11 @@ def test_dp_sgd_has_its_own_settings_and_is_accounted_by_them(plain_cfg, optimiz
     n = len(runtime.data.client_data(pid, 0)[1])
     q, steps = dp_steps_per_round(n, 64, 3)
     assert steps == 3 * round(n / 64) != dp_steps_per_round(n, 32, 1)[1]  # not train.*
-    saved = runtime.store.load(pid, before_round=2)
-    assert saved["dp-history"] == {repr(q): steps}
-    assert sent["dp-epsilon"] == gaussian_epsilon(1.0, [(q, steps)], 1e-5)
+    from fedkd.node_ledger import Entry
+    from fedkd.local_round import simulation_ledger
+
+    assert simulation_ledger(runtime, pid).entries() == [Entry(0, 1, q, 1.0, steps)]
+    assert sent["dp-epsilon"] == pytest.approx(gaussian_epsilon(1.0, [(q, steps)], 1e-5))
     # the student trained with a bounded activation
     from fedkd.local_round import new_student
 
@@ -262,3 +264,22 @@ def test_a_bounded_activation_is_refused_for_models_whose_relus_are_inline():
     model = create_model("resnet8", num_classes=4, input_shape=(3, 12, 12))
     with pytest.raises(ConfigError, match=r"privacy\.activation"):
         with_activation(model, "tanh")
+
+
+def test_a_replayed_round_is_counted_again_in_simulation(plain_cfg):
+    """The client store keeps the newest state of a round, so a round trained twice
+    (a retry, a replay after a resume) once left one round's steps in the count; the
+    append-only ledger counts both (on old main: the same epsilon twice)."""
+    from fedkd.local_round import client_reply
+    from fedkd.protocol import METRICS
+    from fedkd.round_loop import prepare_round
+    from fedkd.server_state import build_server_state
+
+    plain = plain_cfg("strategy=fedmd", "privacy=sample", "privacy.batch_size=64")
+    state = build_server_state(plain, "cpu")
+    state.population = list(range(state.cfg.num_clients))
+    _, downloads = prepare_round(state, 1)
+    pid, download = downloads[0]
+    once = client_reply(plain, pid, download)[METRICS]["dp-epsilon"]
+    twice = client_reply(plain, pid, download)[METRICS]["dp-epsilon"]
+    assert twice > once > 0

@@ -42,6 +42,19 @@ class ProxyPool:
     tasks: np.ndarray
 
 
+def public_channel_stats(public: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std) in [0, 1] of public uint8 images (N, C, H, W).
+
+    Only public data may set them: statistics of the training split would be a
+    release of the private shards that no accountant counts. Without public images,
+    fixed constants (0.5, 0.25): a coarser scaling, but nothing leaks."""
+    if len(public) == 0:
+        channels = public.shape[1]
+        return np.full(channels, 0.5), np.full(channels, 0.25)
+    flat = public.transpose(1, 0, 2, 3).reshape(public.shape[1], -1)
+    return flat.mean(axis=1) / 255.0, flat.std(axis=1) / 255.0 + 1e-6
+
+
 @dataclass
 class FederatedData:
     splits: DatasetSplits
@@ -53,17 +66,15 @@ class FederatedData:
     client_test_size: int | None  # per task, for students
     teacher_test_size: int | None  # per task, for the server model
     seed: int
-    # per-channel (mean, std) in [0, 1]; None: computed from splits.train (a device,
-    # which holds only its shard, gets the federation's values from its bundle)
+    # per-channel (mean, std) in [0, 1]; None: computed from the public proxy set (a
+    # device, which holds only its shard, gets the federation's values from its bundle)
     channel_stats: tuple[np.ndarray, np.ndarray] | None = None
     _mean: torch.Tensor = field(init=False)
     _std: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         if self.channel_stats is None:
-            x = self.splits.train.x
-            flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
-            self.channel_stats = (flat.mean(axis=1) / 255.0, flat.std(axis=1) / 255.0 + 1e-6)
+            self.channel_stats = public_channel_stats(self.splits.train.x[self.proxy_index])
         mean, std = self.channel_stats
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)

@@ -39,14 +39,20 @@ def private_rows(values: torch.Tensor, clip_norm: float) -> torch.Tensor:
 
 
 def noisy_mean(
-    uploads: torch.Tensor, clip_norm: float, noise_multiplier: float, noise: DPNoise
+    uploads: torch.Tensor,
+    clip_norm: float,
+    noise_multiplier: float,
+    noise: DPNoise,
+    divisor: float | None = None,
 ) -> torch.Tensor:
-    """(K, n, C) uploads -> (n, C): the mean of their centred, row-clipped values,
-    with Gaussian noise calibrated to one client's L2 sensitivity on the sum."""
+    """(K, n, C) uploads -> (n, C): the sum of their centred, row-clipped values,
+    with Gaussian noise calibrated to one client's L2 sensitivity on the sum, over
+    `divisor` (the expected cohort under Poisson sampling, as DP-FedAvg divides: the
+    actual K is a function of the secret cohort; None: K)."""
     k, n, _ = uploads.shape
     total = private_rows(uploads, clip_norm).sum(0)
     std = noise_multiplier * clip_norm * math.sqrt(n)
-    return (total + noise.normal(total.shape, std)) / k
+    return (total + noise.normal(total.shape, std)) / (k if divisor is None else divisor)
 
 
 def clip_reply(plan: RoundPlan, content: RecordDict, clip_norm: float, num_classes: int) -> None:
