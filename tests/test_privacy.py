@@ -245,8 +245,8 @@ def test_dp_sgd_has_its_own_settings_and_is_accounted_by_them(plain_cfg, optimiz
     n = len(runtime.data.client_data(pid, 0)[1])
     q, steps = dp_steps_per_round(n, 64, 3)
     assert steps == 3 * round(n / 64) != dp_steps_per_round(n, 32, 1)[1]  # not train.*
-    from fedkd.node_ledger import Entry
     from fedkd.local_round import simulation_ledger
+    from fedkd.node_ledger import Entry
 
     assert simulation_ledger(runtime, pid).entries() == [Entry(0, 1, q, 1.0, steps)]
     assert sent["dp-epsilon"] == pytest.approx(gaussian_epsilon(1.0, [(q, steps)], 1e-5))
