@@ -103,6 +103,9 @@ def table(runs: list[Run], target: float | None = None) -> tuple[str, str]:
     label = "strategy + mitigation" if columns is LIFELONG_COLUMNS else "strategy"
     if any(r.summary.get("epsilon") is not None for r in runs):
         columns = [*columns[:1], ("epsilon", "epsilon", "f2"), *columns[1:]]
+    if any(r.summary.get("epsilon_unamplified") is not None for r in runs):
+        unamplified = ("epsilon_unamplified", "epsilon, worst client, unamplified", "f2")
+        columns = [*columns[:2], unamplified, *columns[2:]]
     if target is not None:
         pct = f"{target * 100:g}%"
         columns = [

@@ -6,13 +6,16 @@
   private and need not be. A client's soft labels are computed by its DP-trained
   student: post-processing, so their epsilon is the training epsilon.
 - `client`: client-level DP on uploads (fedkd/privacy/upload.py): clients clip their
-  logits, the server adds Gaussian noise to the sum; everything after is
+  logits; the server's privacy layer (fedkd/privacy/ledger.py, called by the round
+  loop, not by strategies) samples a secret Poisson cohort, adds Gaussian noise to
+  the sum and hands strategies only that noisy mean: everything after is
   post-processing.
 
 Both are accounted with dp-accounting's RDP accountant as Poisson-subsampled
 Gaussian mechanisms, composed over every DP step (sample) or round (client) so far.
-Client sampling here is a fixed-size draw of K of N clients; it is accounted as
-Poisson sampling with rate K/N, the usual approximation in DP-FedAvg accounting.
+Neighbouring datasets differ by adding or removing one example (sample) or one
+client's whole data (client); docs/privacy.md says what the released shard size
+means for that.
 """
 
 from fedkd.privacy.accounting import gaussian_epsilon

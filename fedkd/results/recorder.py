@@ -54,6 +54,8 @@ _FINALS = (
     "client_accuracy_min",
     "client_accuracy_max",
     "epsilon",
+    "epsilon_unamplified",
+    "max_participations",
     "delta",
     "noise_multiplier",
 )
