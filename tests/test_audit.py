@@ -101,6 +101,11 @@ def _tiny_run(tmp_path, *overrides):
     return out
 
 
+FAST = ["--candidates", "40", "--shadows", "2", "--shadow-rounds", "1", "--surrogate-epochs",
+        "1", "--canaries", "20", "--guesses", "2", "--dirac-canaries", "200", "--dirac-guesses",
+        "20"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "overrides, view",
     [
@@ -115,8 +120,7 @@ def test_fedkd_audit_attacks_what_the_server_saw(tmp_path, capsys, overrides, vi
     from simulations.audit import main
 
     run = _tiny_run(tmp_path, *overrides)
-    main([str(run), "--candidates", "40", "--shadows", "2", "--shadow-epochs", "1",
-          "--surrogate-epochs", "1"])  # fmt: skip
+    main([str(run), *FAST])
     result = json.loads((run / "audit.json").read_text())
     assert result["view"].startswith(view)
     assert result["members"] == result["non_members"] > 0
@@ -124,21 +128,27 @@ def test_fedkd_audit_attacks_what_the_server_saw(tmp_path, capsys, overrides, vi
         a = result["attacks"][attack]
         assert 0.0 <= a["auc_ci"][0] <= a["auc"] <= a["auc_ci"][1] <= 1.0
     bound = result["epsilon_lower_bound"]
-    assert bound["value"] == max(s["epsilon_lower_bound"] for s in bound["shadows"]) >= 0
-    if "privacy=sample" in overrides:
+    assert 0 <= bound["value"] <= bound["attainable"] and bound["guesses"] <= bound["canaries"]
+    printed = capsys.readouterr().out
+    assert "TPR @ 1% FPR" in printed and f"attainable {bound['attainable']:.2f}" in printed
+    if "privacy=sample" in overrides:  # the white-box audit of DP-SGD comes first
         assert result["privacy"] == "sample" and result["epsilon"] > 0
-        for shadow in bound["shadows"]:  # the audit never beats the accountant
-            assert shadow["epsilon_lower_bound"] <= shadow["accountant_epsilon"]
+        assert bound["audit"].startswith("white-box") and bound["canaries"] == 200
+        assert bound["value"] <= bound["accountant_epsilon"]  # never beats the accountant
+        black = result["black_box_lower_bound"]
+        assert black["audit"].startswith("black-box") and black["canaries"] == 20
+        assert black["value"] <= black["accountant_epsilon"]
     else:
-        assert all(s["accountant_epsilon"] is None for s in bound["shadows"])
-    assert "TPR @ 1% FPR" in capsys.readouterr().out
+        assert bound["audit"].startswith("black-box") and bound["accountant_epsilon"] is None
+        assert "black_box_lower_bound" not in result
+        assert bound["canaries"] == 20 and bound["guesses"] == 4  # one tested shadow
 
 
 @pytest.mark.parametrize(
     "overrides, args, message",
     [
         ((), ["--client", "7"], "--client"),
-        ((), ["--shadows", "1"], "--shadows"),
+        ((), ["--white-box-only"], "privacy=sample"),
         (("strategy=local",), [], "strategy"),
         (("lifelong=class_incremental", "lifelong.num_tasks=2", "lifelong.rounds_per_task=1"),
          [], "lifelong"),
@@ -155,6 +165,26 @@ def test_fedkd_audit_refuses_what_it_cannot_audit_in_one_line(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("fedkd-audit: error:") and message in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shadows", "1"], "--shadows=1 is not allowed: >= 2"),
+        (["--canaries", "10", "--guesses", "6"], "--guesses=6 is not allowed: at most half"),
+        (["--dirac-guesses", "2501"], "--dirac-guesses=2501 is not allowed: at most half"),
+        (["--shadow-rounds", "0"], "--shadow-rounds=0 is not allowed: >= 1"),
+        (["--candidates", "5"], "--candidates=5"),
+        (["--guesses", "x"], "--guesses: invalid int value"),
+    ],
+)
+def test_fedkd_audit_bad_options_are_one_line_before_any_work(tmp_path, capsys, args, message):
+    from simulations.audit import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), *args])  # not even a run: the options are checked first
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and message in err[-1] and "fedkd-audit: error:" in err[-1]
 
 
 def test_fedkd_audit_of_a_directory_that_is_no_run_is_one_line(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The federated glue of `fedkd-audit`: candidates, the server's view, shadows.
+"""The federated glue of `fedkd-audit`: candidates, the server's view, the audits.
 
     candidates   m members drawn from the target client's shard, m non-members from
                  the test split with the same class counts (so the class mix, which
@@ -6,14 +6,14 @@
     server view  the target's last upload, rebuilt from its saved student exactly as
                  fedkd sent it: its weights, or its logits on the proxy set through
                  the run's codec; for logits, a surrogate student distilled from them
-    shadows      K students trained like the target (the run's local recipe for
-                 rounds x epochs, DP-SGD under privacy=sample) on the shard's other
-                 examples plus a random half of the candidates, seen as the target is
+    shadows      students trained as the target trains (fedkd/audit/shadows.py),
+                 seen as the target is: LiRA's references and the black-box bound
+    white box    under privacy=sample, the client's DP-SGD replayed with Dirac
+                 gradient canaries (fedkd/audit/canaries.py): the bound the
+                 accountant's epsilon is checked against
 
 The auditor is strong on purpose: it knows the target's non-candidate data and the
-run's recipe, and only the membership of the candidates is secret. Shadows train on
-the private data alone, without the teacher's soft labels the target also learned
-from, so their score distributions are an approximation (documented in the README).
+run's recipe, and only the membership of the candidates is secret.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ import torch
 from torch import nn
 
 from fedkd.audit.attacks import lira_scores, logit_confidence
-from fedkd.audit.metrics import attack_summary, one_run_epsilon, one_run_guesses
+from fedkd.audit.canaries import DiracSettings, dirac_audit
+from fedkd.audit.client import ClientRecipe, client_recipe, trained_rounds
+from fedkd.audit.metrics import attack_summary
+from fedkd.audit.shadows import input_canaries, one_run_bound, train_shadows
 from fedkd.comm.codecs import decode, encode
 from fedkd.config import FedKDConfig, typed
 from fedkd.data.federated import FederatedData
@@ -39,27 +42,31 @@ from fedkd.errors import ConfigError
 from fedkd.export import load_run, load_student
 from fedkd.local_round import new_student
 from fedkd.privacy import gaussian_epsilon
-from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
-from fedkd.privacy.noise import DPNoise
+from fedkd.privacy.dpsgd import dp_steps_per_round
 from fedkd.privacy.upload import private_rows
 from fedkd.protocol import LOGITS, REPLY_LOGITS, REPLY_WEIGHTS
 from fedkd.seeding import numpy_rng, torch_generator
-from fedkd.training import LocalTraining, predict_logits, train_student
+from fedkd.training import predict_logits
 
 
 @dataclass(frozen=True)
 class AuditSettings:
     client: int = 0  # the target partition
     candidates: int = 500  # members; as many non-members
-    shadows: int = 4
+    shadows: int | None = None  # None: 64 where a shadow is one round (FedAvg), else 8
+    canaries: int = 500  # input canaries per shadow, for the black-box bound
+    guesses: int = 25  # black-box: a side, per tested shadow
+    dirac_canaries: int = 5000  # white-box (privacy=sample)
+    dirac_guesses: int = 250  # white-box: a side
+    black_box: bool = True  # False: the white-box audit alone (privacy=sample)
     seed: int = 0
-    shadow_epochs: int | None = None  # None: rounds x train.epochs, as the target trained
+    shadow_rounds: int | None = None  # None: as the target trained
     surrogate_epochs: int = 10  # distilling a surrogate from a soft-label upload
     bootstrap: int = 200
 
 
 def audit_run(run_dir: str | Path, settings: AuditSettings) -> dict[str, Any]:
-    """Both attacks against one client of a finished run; a JSON-ready dict."""
+    """The audits of one client of a finished run; a JSON-ready dict."""
     from strategies import STRATEGIES
 
     started = time.perf_counter()
@@ -74,41 +81,70 @@ def audit_run(run_dir: str | Path, settings: AuditSettings) -> dict[str, Any]:
     pid = settings.client
     if not 0 <= pid < cfg.num_clients:
         raise ConfigError("--client", pid, f"a partition from 0 to {cfg.num_clients - 1}")
-    target = load_student(run_dir, plain, data, pid)
-    kind = strategy.reply_kind
-
-    cand = Candidates.draw(data, pid, settings.candidates, settings.seed)
-    view = ServerView(cfg, data, pid, kind, settings)
-    target_phi = view.scores(target, cand, tag="target")
-    shadow_in = numpy_rng(settings.seed, "audit-shadow-in").random((settings.shadows, cand.m)) < 0.5
-    shadow_phi = np.stack(
-        [
-            view.scores(view.train_shadow(cand, shadow_in[k], k), cand, tag=f"shadow-{k}")
-            for k in range(settings.shadows)
-        ]
-    )
-    bound = one_run_bound(view, cand, shadow_phi, shadow_in, cfg.privacy.delta)
-    rng = numpy_rng(settings.seed, "audit-bootstrap")
-    attacks = {
-        "threshold": attack_summary(cand.member, target_phi, rng, settings.bootstrap),
-        "lira": attack_summary(
-            cand.member, lira_scores(target_phi, shadow_phi, shadow_in), rng, settings.bootstrap
-        ),
-    }
-    return {
+    sample_dp = cfg.privacy.mode == "sample"
+    if not (settings.black_box or sample_dp):
+        raise ConfigError("--white-box-only", cfg.privacy.mode, "a run with privacy=sample")
+    view = ServerView(cfg, data, pid, strategy.reply_kind, settings)
+    result: dict[str, Any] = {
         "run": str(run_dir),
         "strategy": cfg.strategy["name"],
         "view": view.describe(),
         "privacy": cfg.privacy.mode,
         "epsilon": _run_epsilon(run_dir),
         "client": pid,
+        "settings": asdict(settings),
+    }
+    white = None
+    if sample_dp:  # the check of the accountant: first, and the headline
+        rounds = trained_rounds(run_dir, cfg, pid)
+        white = white_box(view, client_recipe(run_dir, cfg, data, pid, view.kind, rounds), settings)
+    if settings.black_box:
+        target = load_student(run_dir, plain, data, pid)
+        recipe = client_recipe(run_dir, cfg, data, pid, view.kind, settings.shadow_rounds)
+        result.update(black_box(view, recipe, target, settings))
+    if white is not None:
+        black = result.pop("epsilon_lower_bound", None)
+        result["epsilon_lower_bound"] = white
+        if black is not None:
+            result["black_box_lower_bound"] = black
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def black_box(
+    view: ServerView, recipe: ClientRecipe, target: nn.Module, settings: AuditSettings
+) -> dict[str, Any]:
+    """Threshold and LiRA against the target's upload; the shadows' one-run bound."""
+    count = settings.shadows or (64 if recipe.rounds == 1 else 8)
+    cand = Candidates.draw(view.data, view.pid, settings.candidates, settings.seed)
+    target_phi = view.phi(view.server_model(target, "target"), cand.x, cand.y)
+    canaries = input_canaries(view.data, settings.canaries, settings.seed)
+    shadows = train_shadows(view, recipe, cand, canaries, count, settings.seed)
+    rng = numpy_rng(settings.seed, "audit-bootstrap")
+    lira = lira_scores(target_phi, shadows.phi, shadows.included)
+    bound = one_run_bound(shadows, settings.guesses, view.cfg.privacy.delta)
+    return {
         "members": int(cand.member.sum()),
         "non_members": int((cand.member == 0).sum()),
-        "settings": asdict(settings),
-        "attacks": attacks,
+        "shadow_recipe": recipe.describe(),
+        "attacks": {
+            "threshold": attack_summary(cand.member, target_phi, rng, settings.bootstrap),
+            "lira": attack_summary(cand.member, lira, rng, settings.bootstrap),
+        },
         "epsilon_lower_bound": bound,
-        "seconds": time.perf_counter() - started,
     }
+
+
+def white_box(view: ServerView, recipe: ClientRecipe, settings: AuditSettings) -> dict[str, Any]:
+    """The target client's DP-SGD, replayed from its own initialisation with Dirac
+    canaries (fedkd/audit/canaries.py)."""
+    x, y = view.data.client_data(view.pid)
+    model = new_student(view.cfg, view.data, view.pid)
+    dirac = DiracSettings(settings.dirac_canaries, settings.dirac_guesses, settings.seed)
+    gen = torch_generator(settings.seed, "audit-dirac-train")
+    started = time.perf_counter()
+    out = dirac_audit(model, x, y, recipe, gen, dirac, view.cfg.privacy.delta)
+    return {**out, "recipe": recipe.describe(), "seconds": time.perf_counter() - started}
 
 
 @dataclass
@@ -170,10 +206,13 @@ class ServerView:
     def client_level(self) -> bool:
         return self.cfg.privacy.mode == "client"
 
-    def scores(self, student: nn.Module, cand: Candidates, tag: str) -> np.ndarray:
-        """phi of the server's model of `student` on every candidate."""
-        model = student if self.kind == REPLY_WEIGHTS else self.surrogate(student, tag)
-        return logit_confidence(predict_logits(model, cand.x), cand.y)
+    def server_model(self, student: nn.Module, tag: str) -> nn.Module:
+        """The server's model of `student`: it, or a surrogate distilled from its upload."""
+        return student if self.kind == REPLY_WEIGHTS else self.surrogate(student, tag)
+
+    @staticmethod
+    def phi(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        return logit_confidence(predict_logits(model, x), y)
 
     def surrogate(self, student: nn.Module, tag: str) -> nn.Module:
         """A student distilled from the upload `student` makes: its logits on the whole
@@ -195,78 +234,14 @@ class ServerView:
                 opt.step()
         return model
 
-    def _shadow_recipe(self) -> tuple[LocalTraining, DPSGD | None]:
-        """The target's local training stretched over the run: rounds x epochs."""
-        cfg, own = self.cfg, self.settings.shadow_epochs
-        hp = LocalTraining.from_config(cfg.train, cfg.distill)
-        hp = replace(hp, epochs=own or cfg.rounds * hp.epochs)
-        if cfg.privacy.mode != "sample":
-            return hp, None
-        dp = DPSGD.from_config(cfg.privacy, LocalTraining.from_config(cfg.train, cfg.distill))
-        return hp, replace(dp, epochs=own or cfg.rounds * dp.epochs)
-
-    def shadow_epsilon(self, n: int) -> float | None:
-        """The accountant's epsilon for a shadow's DP-SGD steps on n examples."""
-        _, dp = self._shadow_recipe()
-        if dp is None:
+    def shadow_epsilon(self, recipe: ClientRecipe, n: int) -> float | None:
+        """The accountant's epsilon for `recipe`'s DP-SGD steps on n examples."""
+        if recipe.dp is None:
             return None
+        dp = recipe.dp
         q, steps = dp_steps_per_round(n, dp.batch_size, dp.epochs)
         pv = self.cfg.privacy
-        return gaussian_epsilon(pv.noise_multiplier, [(q, steps)], pv.delta)
-
-    def train_shadow(self, cand: Candidates, included: np.ndarray, k: int) -> nn.Module:
-        """A student trained like the target on the shard's other examples plus the
-        candidates `included` marks (members and non-members alike)."""
-        keep = torch.from_numpy(included)
-        x = torch.cat([cand.rest_x, cand.x[keep]])
-        y = torch.cat([cand.rest_y.long(), cand.y[keep]])
-        hp, dp = self._shadow_recipe()
-        model = new_student(replace_seed(self.cfg, f"shadow-{k}"), self.data, self.pid)
-        gen = torch_generator(self.settings.seed, "audit-shadow", k)
-        if dp is not None:  # as the target trained: DP-SGD with its own settings
-            dp_train_student(model, x, y, hp, dp, gen, noise=DPNoise())
-        else:
-            train_student(model, x, y, hp, gen)
-        return model
-
-
-def one_run_bound(
-    view: ServerView,
-    cand: Candidates,
-    shadow_phi: np.ndarray,
-    shadow_in: np.ndarray,
-    delta: float,
-    confidence: float = 0.95,
-) -> dict[str, Any]:
-    """An empirical epsilon lower bound from each shadow (Steinke et al. 2023).
-
-    Each shadow is one training run of the client's mechanism in which every
-    candidate was included by a fair coin: the one-run audit's canaries. The server
-    guesses "in" for the 10% highest-scoring candidates of its view and "out" for
-    the 10% lowest. The test runs at 1 - confidence over K shadows (Bonferroni),
-    and each shadow's bound sits beside the accountant's epsilon for the DP steps
-    that shadow took (None without DP: nothing is promised)."""
-    k, m = shadow_in.shape
-    per_side = max(1, m // 10)
-    p = (1 - confidence) / k
-    shadows = []
-    for i in range(k):
-        r, v = one_run_guesses(shadow_in[i], shadow_phi[i], per_side)
-        n = len(cand.rest_y) + int(shadow_in[i].sum())
-        shadows.append(
-            {
-                "guesses": r,
-                "correct": v,
-                "epsilon_lower_bound": one_run_epsilon(m, r, v, delta, p),
-                "accountant_epsilon": view.shadow_epsilon(n),
-            }
-        )
-    return {
-        "value": max(s["epsilon_lower_bound"] for s in shadows),
-        "confidence": confidence,
-        "canaries": m,
-        "shadows": shadows,
-    }
+        return gaussian_epsilon(pv.noise_multiplier, [(q, recipe.rounds * steps)], pv.delta)
 
 
 def replace_seed(cfg: FedKDConfig, tag: str) -> FedKDConfig:

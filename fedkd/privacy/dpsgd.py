@@ -13,13 +13,17 @@ learning rates than plain SGD. The KD steps keep `train.lr` and `train.momentum`
 
 The Gaussian noise and the Poisson sample come from `DPNoise` (fedkd/privacy/noise.py):
 the OS CSPRNG unless the run asked for replayable noise.
+
+`audit` (fedkd-audit's Dirac canaries, fedkd/audit/canaries.py) sees every step
+white-box: `inject(params)` may add to the clipped gradient sums before the noise,
+`observe(params)` reads the noisy sums after it. Without one nothing changes.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -31,6 +35,14 @@ from fedkd.privacy.noise import DPNoise
 if TYPE_CHECKING:
     from fedkd.config import PrivacyConfig
     from fedkd.training import LocalTraining
+
+
+class StepAudit(Protocol):
+    """What `dp_train_student` lets an auditor do at each DP step (white-box)."""
+
+    def inject(self, params: list[torch.Tensor]) -> None: ...
+
+    def observe(self, params: list[torch.Tensor]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -80,19 +92,23 @@ def dp_train_student(
     teacher_probs: torch.Tensor | None = None,
     device: str = "cpu",
     noise: DPNoise | None = None,
+    audit: StepAudit | None = None,
 ) -> tuple[float, int]:
     """Train `model` in place; returns (mean private loss, DP steps taken).
 
     `generator` orders the public proxy batches; `noise` draws the DP noise and the
-    Poisson sample (None: the seeded `generator`, replayable)."""
+    Poisson sample (None: the seeded `generator`, replayable); `audit` watches each
+    DP step (fedkd-audit only)."""
     noise = noise or DPNoise(generator)
     with warnings.catch_warnings():
         # Opacus' hooks fire on the first layer, whose input needs no gradient: harmless
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device, noise)
+        return _dp_train(
+            model, x, y, hp, dp, generator, proxy_x, teacher_probs, device, noise, audit
+        )
 
 
-def _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device, noise):
+def _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device, noise, audit):
     from opacus import GradSampleModule
 
     model.to(device).train()
@@ -105,12 +121,9 @@ def _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device, no
         inner = torch.optim.Adam(gsm.parameters(), lr=dp.lr)
     else:
         inner = torch.optim.SGD(gsm.parameters(), lr=dp.lr, momentum=dp.momentum)
-    private_opt = _dp_optimizer(
-        inner,
-        dp,
-        max(1, round(q * len(y))),
-        noise,
-    )
+    private_opt = _dp_optimizer(inner, dp, max(1, round(q * len(y))), noise)
+    if audit is not None:
+        _watch(private_opt, audit)
     use_kd = teacher_probs is not None and proxy_x is not None and len(proxy_x) > 0
     public_opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum)
     proxy_bs = -(-len(proxy_x) // steps) if use_kd else 0
@@ -147,6 +160,19 @@ def _dp_train(model, x, y, hp, dp, generator, proxy_x, teacher_probs, device, no
                 delattr(p, attr)
     gsm._close()
     return total / max(count, 1), steps
+
+
+def _watch(optimizer, audit: StepAudit) -> None:
+    """`audit` around the optimizer's noise: `inject` sees the clipped sums
+    (p.summed_grad), `observe` the noisy sums (p.grad, not yet scaled)."""
+    add_noise = optimizer.add_noise
+
+    def audited_add_noise() -> None:
+        audit.inject(optimizer.params)
+        add_noise()
+        audit.observe(optimizer.params)
+
+    optimizer.add_noise = audited_add_noise
 
 
 def _dp_optimizer(optimizer, dp: DPSGD, expected_batch_size: int, noise: DPNoise):
