@@ -246,7 +246,7 @@ def train_private(
     runtime: ClientRuntime, ctx: ClientRound, x: torch.Tensor, y: torch.Tensor
 ) -> float:
     """DP-SGD on the private data (privacy.mode=sample); the DP steps taken are added
-    to the client's accounting history, kept with its state as {sample rate: steps}."""
+    to its ledger before it trains (a device's node did that already)."""
     pv, hp = runtime.cfg.privacy, ctx.training
     dp = DPSGD.from_config(pv, hp)
     rate, steps = dp_steps_per_round(len(y), dp.batch_size, dp.epochs)
@@ -254,7 +254,7 @@ def train_private(
         entry = Entry(0, ctx.plan.round, rate, dp.noise_multiplier, steps)
         simulation_ledger(runtime, ctx.partition_id).record(entry)
     noise = DPNoise(None if pv.secure_noise else ctx.generator)  # secret unless asked not to be
-    loss, steps = dp_train_student(
+    loss, _ = dp_train_student(
         ctx.student,
         x,
         y,

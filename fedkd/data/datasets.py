@@ -266,3 +266,16 @@ def list_datasets() -> list[str]:
 def load_dataset(cfg: dict) -> DatasetSplits:
     """Load `cfg` (the `dataset` section of the config) as uint8 arrays."""
     return DATASETS.get(cfg["name"])(cfg)
+
+
+def public_channel_stats(public: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std) in [0, 1] of public uint8 images (N, C, H, W).
+
+    Only public data may set them: statistics of the training split would be a
+    release of the private shards that no accountant counts. Without public images,
+    fixed constants (0.5, 0.25): a coarser scaling, but nothing leaks."""
+    if len(public) == 0:
+        channels = public.shape[1]
+        return np.full(channels, 0.5), np.full(channels, 0.25)
+    flat = public.transpose(1, 0, 2, 3).reshape(public.shape[1], -1)
+    return flat.mean(axis=1) / 255.0, flat.std(axis=1) / 255.0 + 1e-6

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedkd.data.datasets import DatasetSplits, load_dataset
+from fedkd.data.datasets import DatasetSplits, load_dataset, public_channel_stats
 from fedkd.data.shards import cut_training_split
 from fedkd.data.tasks import TaskStream, build_stream
 from fedkd.errors import ConfigError
@@ -40,19 +40,6 @@ class ProxyPool:
 
     rows: np.ndarray
     tasks: np.ndarray
-
-
-def public_channel_stats(public: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (mean, std) in [0, 1] of public uint8 images (N, C, H, W).
-
-    Only public data may set them: statistics of the training split would be a
-    release of the private shards that no accountant counts. Without public images,
-    fixed constants (0.5, 0.25): a coarser scaling, but nothing leaks."""
-    if len(public) == 0:
-        channels = public.shape[1]
-        return np.full(channels, 0.5), np.full(channels, 0.25)
-    flat = public.transpose(1, 0, 2, 3).reshape(public.shape[1], -1)
-    return flat.mean(axis=1) / 255.0, flat.std(axis=1) / 255.0 + 1e-6
 
 
 @dataclass
