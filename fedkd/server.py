@@ -123,6 +123,49 @@ def meet_nodes(
     return nodes, {node: [pid] for node, pid in partitions.items()}
 
 
+def run_meta(state: ServerState, nodes: list[int], cohorts: dict[int, list[int]]) -> dict[str, Any]:
+    """What the run was, for the recorder's summary: the config that picked it and
+    how many nodes registered and were admitted."""
+    cfg = state.cfg
+    return {
+        "strategy": state.strategy.name,
+        "seed": cfg.seed,
+        "dataset": cfg.dataset.name,
+        "num_clients": cfg.num_clients,
+        "clients_per_round": cfg.clients_per_round,
+        "lifelong": cfg.lifelong.name,
+        "mitigation": state.mitigation.name,
+        "proxy_mode": cfg.lifelong.proxy,
+        "num_tasks": state.data.num_tasks,
+        "nodes": len(nodes),
+        "nodes_admitted": len(cohorts),
+        "execution": COHORT if cfg.simulation.execution == COHORT else PER_CLIENT,
+    }
+
+
+def round_progress(state: ServerState) -> RoundProgress | None:
+    """The live progress display (output.progress), titled with what runs."""
+    cfg, data = state.cfg, state.data
+    if not cfg.output.progress:
+        return None
+    title = f"fedkd: {state.strategy.name} on {cfg.dataset.name}, {cfg.num_clients} clients"
+    if data.stream.lifelong:
+        title += f", {cfg.lifelong.name} ({data.num_tasks} tasks, "
+        title += f"mitigation {state.mitigation.name})"
+    return RoundProgress(cfg.rounds, title)
+
+
+def make_transport(grid: Grid, state: ServerState, cohorts: dict[int, list[int]]) -> Transport:
+    """How rounds reach the admitted nodes: a message per cohort node carrying its
+    partitions (fedkd/cohort.py; cohorts are set by fedkd-sim only), or a message
+    per client."""
+    sim = state.cfg.simulation
+    if sim.execution == COHORT:
+        return CohortTransport(grid, cohorts, sim.round_timeout)
+    partitions = {node: pids[0] for node, pids in cohorts.items()}
+    return GridTransport(grid, partitions, sim.round_timeout)
+
+
 def run_server(
     grid: Grid,
     plain: dict[str, Any],
@@ -143,50 +186,23 @@ def run_server(
     ckpt = load_checkpoint(out, plain) if resume else None
     device = "cuda" if visible_gpus() > 0 else "cpu"
     state = build_server_state(plain, device)
-    cfg, data = state.cfg, state.data
-    sim = cfg.simulation
-    if sim.fast_dispatch and hasattr(grid, "pull_interval"):
+    if state.cfg.simulation.fast_dispatch and hasattr(grid, "pull_interval"):
         grid.pull_interval = 0.01  # Flower's in-memory grid polls for replies every 0.1 s
-    cohort = sim.execution == COHORT  # fedkd/cohort.py (set by fedkd-sim only)
     nodes, cohorts = meet_nodes(grid, state, keys, run_id, max_examples, simulated)
     state.population = sorted(pid for pids in cohorts.values() for pid in pids)
     state.privacy.set_population(len(state.population))  # DP sampling over those admitted
-    meta = {
-        "strategy": state.strategy.name,
-        "seed": cfg.seed,
-        "dataset": cfg.dataset.name,
-        "num_clients": cfg.num_clients,
-        "clients_per_round": cfg.clients_per_round,
-        "lifelong": cfg.lifelong.name,
-        "mitigation": state.mitigation.name,
-        "proxy_mode": cfg.lifelong.proxy,
-        "num_tasks": data.num_tasks,
-        "nodes": len(nodes),
-        "nodes_admitted": len(cohorts),
-        "execution": COHORT if cohort else PER_CLIENT,
-    }
-    progress = None
-    if cfg.output.progress:
-        title = f"fedkd: {state.strategy.name} on {cfg.dataset.name}, {cfg.num_clients} clients"
-        if data.stream.lifelong:
-            title += f", {cfg.lifelong.name} ({data.num_tasks} tasks, "
-            title += f"mitigation {state.mitigation.name})"
-        progress = RoundProgress(cfg.rounds, title)
+    meta = run_meta(state, nodes, cohorts)
+    progress = round_progress(state)
     if ckpt is not None:
         state.load_state_dict(ckpt)
         log.info("resuming %s after round %d", out, ckpt["round"])
     recorder = RunRecorder(
-        out, meta, progress=progress, plots=cfg.output.plots, resume_round=state.round
+        out, meta, progress=progress, plots=state.cfg.output.plots, resume_round=state.round
     )
     if progress is not None:
         for row in recorder.rows:
             progress.round(row)
-    if cohort:
-        transport: Transport = CohortTransport(grid, cohorts, sim.round_timeout)
-    else:
-        partitions = {node: pids[0] for node, pids in cohorts.items()}
-        transport = GridTransport(grid, partitions, sim.round_timeout)
-    lifelong = run_rounds(state, transport, recorder, out)
+    lifelong = run_rounds(state, make_transport(grid, state, cohorts), recorder, out)
     return recorder.finish(lifelong)
 
 
