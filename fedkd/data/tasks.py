@@ -94,57 +94,12 @@ def build_stream(cfg: dict, num_classes: int, rounds: int, seed: int) -> TaskStr
     kind = cfg["name"]
     if kind not in STREAMS:
         raise ConfigError("lifelong.name", kind, "one of " + ", ".join(STREAMS))
-    tasks = 1 if kind == "none" else int(cfg.get("num_tasks", 1))
-    rpt = int(cfg.get("rounds_per_task", 0)) or rounds
-    if kind == "none":
-        rpt = rounds
-    if tasks < 1:
-        raise ConfigError("lifelong.num_tasks", tasks, "an integer >= 1")
-    if kind == "class_incremental" and tasks > num_classes:
-        raise ConfigError(
-            "lifelong.num_tasks", tasks, f"at most the {num_classes} classes of the dataset"
-        )
-    if tasks * rpt > rounds:
-        raise ConfigError(
-            "lifelong.rounds_per_task",
-            rpt,
-            f"at most rounds / num_tasks = {rounds} // {tasks} = {rounds // tasks} "
-            f"(num_tasks x rounds_per_task must fit in rounds={rounds})",
-        )
-    all_classes = tuple(range(num_classes))
-    classes: tuple[tuple[int, ...], ...] = (all_classes,) * tasks
-    if kind == "class_incremental":
-        explicit = [list(t) for t in cfg.get("task_classes") or []]
-        if explicit:
-            if len(explicit) != tasks:
-                raise ConfigError(
-                    "lifelong.task_classes", explicit, f"a list of num_tasks={tasks} class lists"
-                )
-            flat = [c for t in explicit for c in t]
-            empty = [i for i, t in enumerate(explicit) if not t]
-            if empty:
-                raise ConfigError(
-                    "lifelong.task_classes", explicit, f"no empty task (task {empty[0]} is)"
-                )
-            if len(set(flat)) != len(flat) or not set(flat) <= set(all_classes):
-                raise ConfigError(
-                    "lifelong.task_classes",
-                    explicit,
-                    f"disjoint class ids from 0 to {num_classes - 1}",
-                )
-            classes = tuple(tuple(int(c) for c in t) for t in explicit)
-        else:
-            splits = np.array_split(np.arange(num_classes), tasks)
-            classes = tuple(tuple(int(c) for c in s) for s in splits)
+    tasks, rpt = _schedule(cfg, kind, num_classes, rounds)
+    classes = _task_classes(cfg, kind, tasks, num_classes)
     domain = cfg.get("domain", "rotation")
     if kind == "domain_incremental" and domain not in DOMAINS:
         raise ConfigError("lifelong.domain", domain, "one of " + ", ".join(DOMAINS))
-    angles = tuple(float(a) for a in cfg.get("angles") or [])
-    if kind == "domain_incremental" and domain == "rotation":
-        if not angles:
-            angles = tuple(float(a) for a in np.linspace(0, 180, tasks, endpoint=False))
-        if len(angles) != tasks:
-            raise ConfigError("lifelong.angles", list(angles), f"num_tasks={tasks} angles (or [])")
+    angles = _angles(cfg, kind, domain, tasks)
     stagger = int(cfg.get("stagger_rounds", 0))
     if stagger < 0 or (tasks > 1 and stagger >= rpt):
         raise ConfigError(
@@ -163,3 +118,67 @@ def build_stream(cfg: dict, num_classes: int, rounds: int, seed: int) -> TaskStr
         per_client_order=bool(cfg.get("per_client_order", False)) and tasks > 1,
         seed=seed,
     )
+
+
+def _schedule(cfg: dict, kind: str, num_classes: int, rounds: int) -> tuple[int, int]:
+    """(num_tasks, rounds_per_task): the tasks must fit in the rounds (and, class-
+    incremental, in the classes); `none` is one task over every round."""
+    tasks = 1 if kind == "none" else int(cfg.get("num_tasks", 1))
+    rpt = int(cfg.get("rounds_per_task", 0)) or rounds
+    if kind == "none":
+        rpt = rounds
+    if tasks < 1:
+        raise ConfigError("lifelong.num_tasks", tasks, "an integer >= 1")
+    if kind == "class_incremental" and tasks > num_classes:
+        raise ConfigError(
+            "lifelong.num_tasks", tasks, f"at most the {num_classes} classes of the dataset"
+        )
+    if tasks * rpt > rounds:
+        raise ConfigError(
+            "lifelong.rounds_per_task",
+            rpt,
+            f"at most rounds / num_tasks = {rounds} // {tasks} = {rounds // tasks} "
+            f"(num_tasks x rounds_per_task must fit in rounds={rounds})",
+        )
+    return tasks, rpt
+
+
+def _task_classes(
+    cfg: dict, kind: str, tasks: int, num_classes: int
+) -> tuple[tuple[int, ...], ...]:
+    """The classes of each task: all of them unless class-incremental, where they are
+    `task_classes` as given or else split evenly in order."""
+    all_classes = tuple(range(num_classes))
+    if kind != "class_incremental":
+        return (all_classes,) * tasks
+    explicit = [list(t) for t in cfg.get("task_classes") or []]
+    if not explicit:
+        splits = np.array_split(np.arange(num_classes), tasks)
+        return tuple(tuple(int(c) for c in s) for s in splits)
+    if len(explicit) != tasks:
+        raise ConfigError(
+            "lifelong.task_classes", explicit, f"a list of num_tasks={tasks} class lists"
+        )
+    flat = [c for t in explicit for c in t]
+    empty = [i for i, t in enumerate(explicit) if not t]
+    if empty:
+        raise ConfigError("lifelong.task_classes", explicit, f"no empty task (task {empty[0]} is)")
+    if len(set(flat)) != len(flat) or not set(flat) <= set(all_classes):
+        raise ConfigError(
+            "lifelong.task_classes",
+            explicit,
+            f"disjoint class ids from 0 to {num_classes - 1}",
+        )
+    return tuple(tuple(int(c) for c in t) for t in explicit)
+
+
+def _angles(cfg: dict, kind: str, domain: str, tasks: int) -> tuple[float, ...]:
+    """Each task's rotation (domain-incremental by rotation): `angles` as given, or
+    else evenly spaced over [0, 180) with task 0 unrotated."""
+    angles = tuple(float(a) for a in cfg.get("angles") or [])
+    if kind == "domain_incremental" and domain == "rotation":
+        if not angles:
+            angles = tuple(float(a) for a in np.linspace(0, 180, tasks, endpoint=False))
+        if len(angles) != tasks:
+            raise ConfigError("lifelong.angles", list(angles), f"num_tasks={tasks} angles (or [])")
+    return angles
