@@ -178,6 +178,24 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
 
 
+def hub_entry(folder: Path, app_id: str, version: str | None) -> tuple[int, dict]:
+    """The catalog entry a fetch-fab request names, as (200, entry): `version`, or
+    the latest one when None. Else the Hub's error as (status, body): 404 with the
+    versions there are, 409 when two signed FABs claim the same version (which of
+    them a device would run must not be up to file order)."""
+    found = [e for e in hub_catalog(folder) if e["app_id"] == app_id]
+    if version is None and found:
+        version = max((e["version"] for e in found), key=_version_key)
+    matches = [e for e in found if e["version"] == version]
+    if not matches:
+        versions = sorted({e["version"] for e in found}, key=_version_key)
+        return 404, {"detail": {"available_app_versions": versions}}
+    if len(matches) > 1:
+        files = ", ".join(e["file"] for e in matches)
+        return 409, {"detail": f"{app_id}=={version} is ambiguous: {files}"}
+    return 200, matches[0]
+
+
 def make_hub(folder: Path, host: str, port: int):
     """An HTTP server answering what Flower 1.41's SuperLink asks Flower Hub for a
     run of `@publisher/app[==x.y.z]` (POST /hub/fetch-fab: a download URL and the
@@ -208,21 +226,13 @@ def make_hub(folder: Path, host: str, port: int):
                 app_id, version = body["app_id"], body.get("app_version")
             except (ValueError, KeyError, TypeError):
                 return self._json(400, {"detail": "expected JSON with app_id"})
-            found = [e for e in hub_catalog(folder) if e["app_id"] == app_id]
-            if version is None and found:
-                version = max((e["version"] for e in found), key=_version_key)
-            matches = [e for e in found if e["version"] == version]
-            if not matches:
-                versions = sorted({e["version"] for e in found}, key=_version_key)
-                return self._json(404, {"detail": {"available_app_versions": versions}})
-            if len(matches) > 1:
-                files = ", ".join(e["file"] for e in matches)
-                return self._json(409, {"detail": f"{app_id}=={version} is ambiguous: {files}"})
-            entry = matches[0]
+            status, entry = hub_entry(folder, app_id, version)
+            if status != 200:
+                return self._json(status, entry)
             host_, port_ = self.server.server_address[:2]
             url = f"http://{host_}:{port_}{HUB_FABS}{entry['file']}"
             self._json(200, {"fab_url": url, "verifications": entry["verifications"]})
-            print(f"{PROG} hub: {app_id}=={version} -> {entry['file']}", flush=True)
+            print(f"{PROG} hub: {app_id}=={entry['version']} -> {entry['file']}", flush=True)
             return None
 
         def do_GET(self) -> None:
