@@ -1,61 +1,19 @@
-"""How `fedkd-bench` measures a workload: the simulator in a child process (with its
-process tree's peak RSS), the compute bound in this process, the student's parameter
-count and the machine it ran on."""
+"""How `fedkd-bench` times a workload: the simulator in a child process (with its
+process tree's peak RSS), the compute bound in this process or on worker processes,
+and the training floor. What the workload and machine are: simulations/bench_probes.py."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import platform
 import subprocess
 import sys
-import threading
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
+from simulations.bench_probes import TreeRSS
+
 QUIET = ("output.plots=false", "output.progress=false", "output.checkpoint=false")
-
-
-class TreeRSS:
-    """Peak resident memory of a process and all its descendants, sampled."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.peak = 0
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        import psutil
-
-        total = 0
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        for p in procs:
-            with contextlib.suppress(psutil.Error):  # a process may exit meanwhile
-                total += p.memory_info().rss
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> TreeRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._sample())
 
 
 def steady(values: list[float]) -> float:
@@ -65,6 +23,9 @@ def steady(values: list[float]) -> float:
 
 
 def run_simulator(overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    """`fedkd-sim` with `overrides` in a child process, so that its start-up and its
+    whole process tree (Ray workers included) are measured: steady round time, peak
+    RSS, bytes per reply, client and server seconds."""
     cmd = [sys.executable, "-m", "simulations.run", *overrides, *QUIET, f"hydra.run.dir={run_dir}"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -262,41 +223,3 @@ def parallel_efficiency(result: dict[str, Any]) -> float | None:
     if client_phase <= 0 or not result["sim_client_compute_seconds"]:
         return None
     return result["sim_client_compute_seconds"] / (max(1, slots) * client_phase)
-
-
-def student_parameters(cfg: Any) -> int:
-    from fedkd.data.datasets import num_classes_of
-    from fedkd.models import create_model
-
-    shape = (3, 32, 32) if cfg.dataset.name == "cifar10" else (1, 28, 28)
-    if cfg.dataset.name == "synthetic":
-        syn = cfg.dataset.synthetic
-        shape = (syn.channels, syn.image_size, syn.image_size)
-    model = create_model(
-        cfg.model.student, num_classes=num_classes_of(cfg.dataset), input_shape=shape, seed=(0,)
-    )
-    return sum(p.numel() for p in model.parameters())
-
-
-def machine() -> dict[str, Any]:
-    import flwr
-    import ray
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "flwr": flwr.__version__,
-        "ray": ray.__version__,
-        "date": date.today().isoformat(),
-    }
