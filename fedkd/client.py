@@ -20,7 +20,7 @@ from fedkd.local_round import client_reply, decoded
 from fedkd.partition_keys import sign_claim
 from fedkd.privacy.release import shard_size
 from fedkd.privacy.upload import clip_reply, clip_upload_mod
-from fedkd.protocol import CONFIG, INFO, KNOWLEDGE, METRICS, REPLY_LOGITS, WEIGHTS, RoundPlan
+from fedkd.protocol import CONFIG, INFO, METRICS, REPLY_LOGITS, WEIGHTS, RoundPlan
 
 log = logging.getLogger("fedkd.client")
 
@@ -87,13 +87,13 @@ def serve_client(
     faults.before_round(runtime.cfg, plan.round, pid)  # an injected crash or stall, if any
     content = client_reply(plain, pid, download, memo)
     shape = (plan.proxy_count, runtime.data.num_classes)
-    logits = plan.reply == REPLY_LOGITS
+    logits = plan.reply == REPLY_LOGITS  # adversaries rewrite soft labels only
     faults.after_round(
         runtime.cfg,
         plan.round,
         pid,
         content,
-        KNOWLEDGE if logits else WEIGHTS,
+        runtime.algorithm.reply_record or WEIGHTS,
         (lambda rec, fn: recode(rec, plan.codec, shape, fn)) if logits else None,
     )
     return content

@@ -1,6 +1,7 @@
 """What a client process loads once and reuses for every client it serves: the
 config, the data (simulated partitions, or a device's own), the client store, the
-device and the mitigation (`client_runtime`), and where it runs (`worker_info`).
+device, the strategy's client half and the mitigation (`client_runtime`), and where
+it runs (`worker_info`).
 fedkd/local_round.py does one client's round with it.
 """
 
@@ -23,6 +24,7 @@ from fedkd.data.device import device_federated_data
 from fedkd.data.federated import FederatedData, federated_data
 from fedkd.mitigations import Mitigation, build_mitigation
 from fedkd.resources import client_device, in_ray_worker
+from strategies.client_half import ClientHalf
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ClientRuntime:
     store: ClientStore
     device: str
     mitigation: Mitigation
+    algorithm: ClientHalf  # the strategy's client half: loss terms and reply
     blanks: dict[str, nn.Module] = field(default_factory=dict)
     info: dict[str, str] = field(default_factory=dict)  # where this worker runs
     ledger: tuple[str, int] | None = None  # a device's DP ledger (state-dir, partition)
@@ -66,7 +69,18 @@ def _runtime(cfg_key: str) -> ClientRuntime:
     # a device tells the server nothing about its host (it names no Ray node either)
     info = {} if node else worker_info()
     ledger = tuple(node["ledger"]) if node.get("ledger") else None
-    return ClientRuntime(cfg, data, store, device, build_mitigation(cfg), info=info, ledger=ledger)
+    mitigation, algorithm = build_mitigation(cfg), client_half(cfg)
+    return ClientRuntime(cfg, data, store, device, mitigation, algorithm, info=info, ledger=ledger)
+
+
+def client_half(cfg: FedKDConfig) -> ClientHalf:
+    """The configured strategy's client half, with the strategy's own settings."""
+    from fedkd.config import parse_params
+    from strategies import STRATEGIES
+
+    node = dict(cfg.strategy)
+    cls = STRATEGIES.get(node["name"])
+    return ClientHalf.of(cls, cfg, parse_params(cls.Params, node, "strategy", node["name"]))
 
 
 _LAST: list[Any] = [None, None]  # (plain config, its runtime): the same dict every call

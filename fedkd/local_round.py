@@ -21,11 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from fedkd.client_runtime import ClientRuntime, client_runtime
-from fedkd.comm.codecs import check, decode, encode
-from fedkd.comm.npy import array_from_numpy
+from fedkd.comm.codecs import check, decode
 from fedkd.config import FedKDConfig, typed
 from fedkd.data.federated import FederatedData
-from fedkd.mitigations import ClientRound
+from fedkd.loss_terms import LossTerm, SoftTargets
+from fedkd.mitigations import ClientExtras, ClientRound
 from fedkd.models import create_model, with_activation
 from fedkd.node_ledger import Entry, NodeLedger, simulation_ledger_file
 from fedkd.privacy.dpsgd import DPSGD, dp_steps_per_round, dp_train_student
@@ -34,11 +34,7 @@ from fedkd.privacy.release import releasable
 from fedkd.protocol import (
     CONFIG,
     INFO,
-    KNOWLEDGE,
-    LOGITS,
     METRICS,
-    REPLY_LOGITS,
-    REPLY_WEIGHTS,
     SOFT_LABELS,
     TEACHER,
     WEIGHTS,
@@ -46,7 +42,7 @@ from fedkd.protocol import (
     RoundPlan,
 )
 from fedkd.seeding import torch_generator
-from fedkd.training import accuracy, on_device, predict_logits, train_student
+from fedkd.training import accuracy, on_device, train_student
 
 
 def new_student(cfg: FedKDConfig | dict, data: FederatedData, partition_id: int) -> nn.Module:
@@ -97,7 +93,8 @@ def _teacher_probs(record: ArrayRecord, codec: str, shape: tuple[int, int]) -> t
 
 
 def train_round(runtime: ClientRuntime, ctx: ClientRound) -> tuple[float, dict[str, float]]:
-    """Local training as the mitigation and the privacy mode say; (loss, metrics)."""
+    """Local training as the mitigation and the privacy mode say; (loss, metrics).
+    The loss is CE plus the strategy's client terms and the mitigation's."""
     loss = runtime.mitigation.client_train(ctx)
     if loss is not None:
         return loss, {}
@@ -109,21 +106,21 @@ def train_round(runtime: ClientRuntime, ctx: ClientRound) -> tuple[float, dict[s
     if runtime.cfg.privacy.mode == "sample":
         loss = train_private(runtime, ctx, extras.x, extras.y)
     else:
-        loss = train_student(
-            ctx.student,
-            extras.x,
-            extras.y,
-            ctx.training,
-            ctx.generator,
-            proxy_x=ctx.kd_x,
-            teacher_probs=ctx.teacher_probs,
-            device=runtime.device,
-            private_probs=extras.private_probs,
-            private_weight=extras.private_weight,
-            rehearsal=extras.rehearsal,
-        )
+        terms = [*runtime.algorithm.terms(ctx), *mitigation_terms(extras)]
+        hp, gen = ctx.training, ctx.generator
+        loss = train_student(ctx.student, extras.x, extras.y, hp, gen, terms, runtime.device)
     ctx.state["task"] = ctx.plan.task
     return loss, extras.info
+
+
+def mitigation_terms(extras: ClientExtras) -> list[LossTerm]:
+    """The loss terms a mitigation's extras add (rehearsal, LwF), those that count."""
+    terms: list[LossTerm] = []
+    if extras.rehearsal is not None and extras.rehearsal.weight > 0:
+        terms.append(extras.rehearsal)
+    if extras.private_probs is not None and extras.private_weight > 0:
+        terms.append(SoftTargets(extras.private_probs, extras.private_weight))
+    return terms
 
 
 def starting_student(
@@ -156,11 +153,40 @@ def client_reply(
     `memo` (a cohort's clients share it) keeps decoded broadcast records."""
     started = time.perf_counter()
     runtime = client_runtime(plain)
-    cfg, data = runtime.cfg, runtime.data
     memo = {} if memo is None else memo
     plan = decoded(memo, download.config_records[CONFIG], RoundPlan.from_record)
-    arrays = download.array_records
+    half = runtime.algorithm
+    if plan.reply != half.reply_kind:  # the configured strategy's client answers
+        raise ValueError(
+            f"the plan asks for reply={plan.reply!r}; this strategy replies {half.reply_kind!r}"
+        )
+    ctx, metrics, proxy_x = round_context(runtime, pid, plan, download.array_records, memo)
+    loss, info = train_round(runtime, ctx)
+    metrics.update(info)
+    if runtime.cfg.privacy.mode == "sample":
+        metrics["dp-epsilon"] = private_epsilon(runtime, pid)
+        metrics["dp-secure-noise"] = int(runtime.cfg.privacy.secure_noise)
+    metrics.update(evaluated(runtime, ctx, loss))
+    content = RecordDict()
+    if half.reply_record is not None:
+        content[half.reply_record] = half.upload(ctx, proxy_x)
+    # kept even when the next broadcast replaces it: fedkd-export and fedkd-audit
+    # read a client's latest student (the weights the server saw)
+    ctx.state["model"] = on_device(ctx.student, "cpu").state_dict()
+    runtime.store.save(pid, ctx.state, plan.round)
+    metrics["compute-seconds"] = time.perf_counter() - started
+    # under DP, only what the accountant covers leaves the client (fedkd/privacy/release.py)
+    content[METRICS] = MetricRecord(releasable(runtime.cfg.privacy.mode, metrics))
+    content[INFO] = ConfigRecord(runtime.info)
+    return content
 
+
+def round_context(
+    runtime: ClientRuntime, pid: int, plan: RoundPlan, arrays: dict[str, ArrayRecord], memo: dict
+) -> tuple[ClientRound, dict[str, Any], torch.Tensor]:
+    """The client's round as its hooks see it (student loaded, teacher labels read),
+    the metrics known before training, and the round's proxy items."""
+    cfg, data = runtime.cfg, runtime.data
     state = runtime.store.load(pid, before_round=plan.round) or {}
     weights = (
         decoded(memo, arrays[WEIGHTS], ArrayRecord.to_torch_state_dict)
@@ -173,7 +199,6 @@ def client_reply(
         metrics["initial-task-accuracy"] = evaluate_tasks(student, data, runtime.device)  # b_j
     if weights is not None:
         student.load_state_dict(weights)
-
     proxy_x = data.proxy_inputs(list(plan.proxy))
     kd_x, teacher_probs = teacher_labels(plan, arrays, data, proxy_x, memo)
     x, y = data.client_data(pid, plan.task)
@@ -194,43 +219,21 @@ def client_reply(
         generator=torch_generator(cfg.seed, plan.round, pid, "local-train"),
         arrays=arrays,
     )
-    loss, info = train_round(runtime, ctx)
-    metrics.update(info)
-    if cfg.privacy.mode == "sample":
-        metrics["dp-epsilon"] = private_epsilon(runtime, pid)
-        metrics["dp-secure-noise"] = int(cfg.privacy.secure_noise)
-    task_acc = evaluate_tasks(student, data, runtime.device)
-    metrics.update(
-        {
-            "round": plan.round,  # the server refuses a reply meant for another round
-            "num-examples": len(y),
-            "train-loss": float(loss),
-            "test-accuracy": float(sum(task_acc) / len(task_acc)),
-        }
-    )
-    if data.stream.lifelong:
+    return ctx, metrics, proxy_x
+
+
+def evaluated(runtime: ClientRuntime, ctx: ClientRound, loss: float) -> dict[str, Any]:
+    """The metrics every reply carries after training."""
+    task_acc = evaluate_tasks(ctx.student, runtime.data, runtime.device)
+    metrics = {
+        "round": ctx.plan.round,  # the server refuses a reply meant for another round
+        "num-examples": len(ctx.y),
+        "train-loss": float(loss),
+        "test-accuracy": float(sum(task_acc) / len(task_acc)),
+    }
+    if runtime.data.stream.lifelong:
         metrics["task-accuracy"] = task_acc
-    content = RecordDict()
-    if plan.reply == REPLY_LOGITS:
-        logits = predict_logits(student, proxy_x, device=runtime.device)
-        content[KNOWLEDGE] = encode(logits, plan.codec, LOGITS, kind="logits")
-    weights_now = on_device(student, "cpu").state_dict()
-    if plan.reply == REPLY_WEIGHTS:
-        content[WEIGHTS] = weights_record(weights_now)
-    # kept even when the next broadcast replaces it: fedkd-export and fedkd-audit
-    # read a client's latest student (the weights the server saw)
-    state["model"] = weights_now
-    runtime.store.save(pid, state, plan.round)
-    metrics["compute-seconds"] = time.perf_counter() - started
-    # under DP, only what the accountant covers leaves the client (fedkd/privacy/release.py)
-    content[METRICS] = MetricRecord(releasable(cfg.privacy.mode, metrics))
-    content[INFO] = ConfigRecord(runtime.info)
-    return content
-
-
-def weights_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    """`ArrayRecord(state)`, the same bytes, built without numpy's per-array cost."""
-    return ArrayRecord({k: array_from_numpy(v.detach().numpy()) for k, v in state.items()})
+    return metrics
 
 
 def decoded(memo: dict, record: Any, decode_fn: Any, *key: Any) -> Any:

@@ -32,12 +32,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedkd.errors import ConfigError
-from fedkd.protocol import REPLY_LOGITS, REPLY_NONE, REPLY_WEIGHTS, SEGMENTS, RoundPlan
+from fedkd.protocol import REPLY_LOGITS, REPLY_NONE, SEGMENTS, RoundPlan
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
 
-REPLY_KINDS = (REPLY_LOGITS, REPLY_WEIGHTS)
+
+def reply_kinds() -> list[str]:
+    """The reply kinds fedkd's strategies declare (an owner's allow-replies names some)."""
+    from strategies import STRATEGIES
+
+    return sorted({STRATEGIES.get(name).reply_kind for name in STRATEGIES.names()} - {REPLY_NONE})
+
+
 PRIVACY_ORDER = {"none": 0, "client": 1, "sample": 2}
 NOISE_FLOOR = 0.5  # min-privacy without min-noise-multiplier
 BUDGET_DELTA = 1e-5  # max-epsilon holds at this delta (or the run's, if smaller)
@@ -99,9 +106,11 @@ class NodePolicy:
         """The policy keys of a node config; a wrong value is one ConfigError."""
         allow = node_config.get("allow-replies", REPLY_LOGITS)
         kinds = tuple(k.strip() for k in str(allow).split(",") if k.strip())
-        if not isinstance(allow, str) or not kinds or set(kinds) - set(REPLY_KINDS):
+        if not isinstance(allow, str) or not kinds or set(kinds) - set(reply_kinds()):
             raise ConfigError(
-                "node config allow-replies", allow, "logits, weights or logits,weights"
+                "node config allow-replies",
+                allow,
+                f"one or more of {', '.join(reply_kinds())}, comma-separated",
             )
         privacy = node_config.get("min-privacy", "none")
         if privacy not in PRIVACY_ORDER:

@@ -18,6 +18,7 @@ round 1), because node ids are random while sampling is over partition ids.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -41,10 +42,13 @@ INFO = "info"  # ConfigRecord up: where the client ran (host, Ray node)
 SOFT_LABELS = "soft-labels"
 LOGITS = "logits"
 
+# the reply kinds of the built-in strategies; a strategy may declare its own
+# (`Strategy.reply_kind`): on the wire a kind is a short name (REPLY_NAME), and a
+# device replies only with kinds its owner allows (fedkd/node_policy.py)
 REPLY_LOGITS = "logits"
 REPLY_WEIGHTS = "weights"
 REPLY_NONE = "none"
-REPLY_KINDS = (REPLY_LOGITS, REPLY_WEIGHTS, REPLY_NONE)
+REPLY_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class RoundPlan:
             (self.round >= 1, "round", "an integer >= 1"),
             (self.task >= 0, "task", "an integer >= 0"),
             (self.role in ROLES, "role", " or ".join(ROLES)),
-            (self.reply in REPLY_KINDS, "reply", " or ".join(REPLY_KINDS)),
+            (bool(REPLY_NAME.fullmatch(self.reply)), "reply", "a reply kind's name"),
             (self.codec in CODECS, "codec", "a codec name"),
             (self.teacher_codec in CODECS, "teacher-codec", "a codec name"),
             (self.teacher_count >= -1, "teacher-count", "an integer >= -1"),

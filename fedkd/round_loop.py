@@ -22,16 +22,7 @@ from flwr.serverapp import Grid
 
 from fedkd.checkpoint import save_checkpoint
 from fedkd.comm.codecs import payload_bytes
-from fedkd.protocol import (
-    CONFIG,
-    KNOWLEDGE,
-    REPLY_LOGITS,
-    REPLY_NONE,
-    REPLY_WEIGHTS,
-    TRAIN,
-    WEIGHTS,
-    RoundPlan,
-)
+from fedkd.protocol import CONFIG, TRAIN, RoundPlan
 from fedkd.reply_checks import ReplyLimits
 from fedkd.round import Round
 from fedkd.server_state import ServerState
@@ -39,8 +30,6 @@ from fedkd.tally import Reply, ReplyTally
 from strategies.base import UnsafeAggregate
 
 log = logging.getLogger("fedkd.server")
-
-PAYLOADS = {REPLY_LOGITS: KNOWLEDGE, REPLY_WEIGHTS: WEIGHTS, REPLY_NONE: None}
 
 
 def error_summary(reason: str) -> str:
@@ -135,7 +124,7 @@ def conclude_round(state: ServerState, r: Round, replies: list[Reply]) -> dict[s
     strategy = state.strategy
     limits = ReplyLimits(
         round=r.number,
-        payload=PAYLOADS[strategy.reply_kind],
+        payload=strategy.reply_record,
         max_payload_bytes=strategy.payload_bytes_bound(r),
         num_tasks=state.data.num_tasks,
         max_examples=None,

@@ -7,14 +7,17 @@ randomness is a pure function of the generator its caller seeded.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedkd.distill import distillation_loss, kd_loss, tempered_softmax
+from fedkd.distill import distillation_loss, tempered_softmax
+from fedkd.loss_terms import LossTerm, Rehearsal, Step, drawn_items  # noqa: F401 (Rehearsal)
 
 if TYPE_CHECKING:
     from fedkd.config import DistillConfig, TrainConfig
@@ -81,90 +84,74 @@ class LocalTraining:
         )
 
 
-@dataclass(frozen=True)
-class Rehearsal:
-    """Public items with remembered soft labels that a student keeps distilling on
-    while it learns a new task (fedkd/mitigations/student_memory.py)."""
-
-    x: torch.Tensor
-    probs: torch.Tensor
-    weight: float
-
-
 def train_student(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     hp: LocalTraining,
     generator: torch.Generator,
-    proxy_x: torch.Tensor | None = None,
-    teacher_probs: torch.Tensor | None = None,
+    terms: Sequence[LossTerm] = (),
     device: torch.device | str = "cpu",
-    private_probs: torch.Tensor | None = None,
-    private_weight: float = 0.0,
-    rehearsal: Rehearsal | None = None,
 ) -> float:
-    """CE on private (x, y) plus KD toward `teacher_probs` on `proxy_x`; returns mean loss.
+    """CE on private (x, y) with each loss term folded in (fedkd/loss_terms.py);
+    returns the mean loss. Without terms this is plain supervised training.
 
-    Each step pairs a private batch with a proxy batch, sized so that one epoch
-    covers both sets once. Without a teacher this is plain supervised training.
-    `private_probs` (soft labels for x, e.g. from the client's previous model, as in
-    LwF) add `private_weight * tau^2 * KL` on the private batch; a `rehearsal` adds
-    `rehearsal.weight * tau^2 * KL` on a batch of its items, again one pass per epoch.
-    """
+    A term with `items` draws a batch of them each step, sized so that one epoch
+    covers them once, and the student sees them in the private batch's forward pass.
+    Permutations are drawn private first, then each term's in order, every epoch."""
     on_device(model, device).train()
     opt = fresh_sgd(model, hp.lr, hp.momentum, hp.weight_decay)
     n = len(y)
     steps = max(1, -(-n // hp.batch_size))
-    use_kd = teacher_probs is not None and proxy_x is not None and len(proxy_x) > 0
-    proxy_bs = -(-len(proxy_x) // steps) if use_kd else 0
-    rehearse = rehearsal is not None and rehearsal.weight > 0 and len(rehearsal.x) > 0
-    rehearse_bs = -(-len(rehearsal.x) // steps) if rehearse else 0
+    drawn = [t for t in terms if drawn_items(t) is not None]
+    sizes = {id(t): -(-len(t.items) // steps) for t in drawn}
     total, count = 0.0, 0
-    for _ in range(hp.epochs):
-        order = torch.randperm(n, generator=generator)
-        porder = torch.randperm(len(proxy_x), generator=generator) if use_kd else None
-        rorder = torch.randperm(len(rehearsal.x), generator=generator) if rehearse else None
-        for s in range(steps):
-            idx = order[s * hp.batch_size : (s + 1) * hp.batch_size]
-            if len(idx) == 0:
-                continue
-            xb, yb = x[idx].to(device), y[idx].to(device)
-            pidx = porder[s * proxy_bs : (s + 1) * proxy_bs] if use_kd else None
-            ridx = rorder[s * rehearse_bs : (s + 1) * rehearse_bs] if rehearse else None
-            kd_step = pidx is not None and len(pidx) > 0
-            rehearse_step = ridx is not None and len(ridx) > 0
-            parts = [xb]
-            if kd_step:
-                parts.append(proxy_x[pidx].to(device))
-            if rehearse_step:
-                parts.append(rehearsal.x[ridx].to(device))
-            out = model(torch.cat(parts)) if len(parts) > 1 else model(xb)
-            logits = out[: len(idx)]
-            if kd_step:
-                loss = kd_loss(
-                    logits,
-                    yb,
-                    teacher_probs[pidx].to(device),
-                    hp.alpha,
-                    hp.temperature,
-                    kd_logits=out[len(idx) : len(idx) + len(pidx)],
-                )
-            else:
-                loss = F.cross_entropy(logits, yb)
-            if rehearse_step:
-                target = rehearsal.probs[ridx].to(device)
-                out_r = out[len(out) - len(ridx) :]
-                loss = loss + rehearsal.weight * distillation_loss(out_r, target, hp.temperature)
-            if private_probs is not None and private_weight > 0:
-                target = private_probs[idx].to(device)
-                loss = loss + private_weight * distillation_loss(logits, target, hp.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
+    with ExitStack() as hooks:
+        for term in terms:
+            hooks.enter_context(term.during(model))
+        for _ in range(hp.epochs):
+            order = torch.randperm(n, generator=generator)
+            orders = {id(t): torch.randperm(len(t.items), generator=generator) for t in drawn}
+            for s in range(steps):
+                idx = order[s * hp.batch_size : (s + 1) * hp.batch_size]
+                if len(idx) == 0:
+                    continue
+                rows = {
+                    id(t): orders[id(t)][s * sizes[id(t)] : (s + 1) * sizes[id(t)]] for t in drawn
+                }
+                loss = step_loss(model, x[idx].to(device), y[idx].to(device), idx, hp, terms, rows)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+                count += len(idx)
     return total / max(count, 1)
+
+
+def step_loss(
+    model: nn.Module,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    idx: torch.Tensor,
+    hp: LocalTraining,
+    terms: Sequence[LossTerm],
+    rows: dict[int, torch.Tensor],
+) -> torch.Tensor:
+    """One step's loss: one forward pass over the private batch and the terms' items
+    (those with rows this step), CE on the private part, then every term folded in."""
+    batches = [(t, r) for t in terms if len(r := rows.get(id(t), ())) > 0]
+    parts = [xb, *(t.items[r].to(xb.device) for t, r in batches)]
+    out = model(torch.cat(parts)) if len(parts) > 1 else model(xb)
+    logits = out[: len(idx)]
+    step = Step(model, xb, yb, idx, logits, hp.temperature)
+    own, start = {}, len(idx)
+    for t, r in batches:
+        own[id(t)] = replace(step, rows=r, out=out[start : start + len(r)])
+        start += len(r)
+    loss = F.cross_entropy(logits, yb)
+    for t in terms:
+        loss = t.fold(own.get(id(t), step), loss)
+    return loss
 
 
 @torch.no_grad()

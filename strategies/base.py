@@ -1,17 +1,20 @@
-"""The strategy interface: a federated algorithm, and nothing else.
+"""The strategy interface: a federated algorithm, both halves, and nothing else.
 
 A strategy decides, each round, which clients take part, which proxy items the
 round uses, what each client is asked to do (`plan`) and sent (`broadcast`), what a
 reply must contain (`check_payload`) and how replies update its own state
-(`aggregate`). Everything around it lives elsewhere: the round loop, the reply tally
-and the checkpoint (fedkd/server_loop.py, fedkd/tally.py, fedkd/server_state.py),
+(`aggregate`). Its client half (`client_half`, strategies/client_half.py) says what a
+client computes: its loss terms and its reply, of the kind the strategy declares
+(`reply_kind` on the wire, `reply_record` the payload's ArrayRecord). Everything
+around it lives elsewhere: the round loop, the reply tally and the checkpoint
+(fedkd/round_loop.py, fedkd/tally.py, fedkd/server_state.py),
 the privacy ledger (fedkd/privacy/ledger.py), lifelong evaluation
 (fedkd/evaluation.py). Replies reach `aggregate` validated and sorted by partition
 id, so tests can call it directly with crafted replies.
 
 A new strategy is one file in strategies/ (a class registered with
 `@STRATEGIES.register("name")`, its settings a `Params` dataclass that inherits its
-parent's) plus `conf/strategy/name.yaml`.
+parent's, its client half beside it) plus `conf/strategy/name.yaml`.
 """
 
 from __future__ import annotations
@@ -25,11 +28,19 @@ from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from fedkd.errors import ConfigError
-from fedkd.protocol import REPLY_LOGITS, ROLE_LEARN, ClientReply, ProxySegment, RoundPlan
+from fedkd.protocol import (
+    KNOWLEDGE,
+    REPLY_LOGITS,
+    ROLE_LEARN,
+    ClientReply,
+    ProxySegment,
+    RoundPlan,
+)
 from fedkd.registry import Registry
 from fedkd.round import Round
 from fedkd.seeding import derive_seed, numpy_rng, torch_generator
 from fedkd.training import LocalTraining, distill_to_targets
+from strategies.client_half import ClientHalf
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
@@ -113,7 +124,9 @@ class Strategy:
     """Base class: defaults every strategy shares."""
 
     Params: ClassVar[type[StrategyParams]] = StrategyParams
-    reply_kind: ClassVar[str] = REPLY_LOGITS
+    reply_kind: ClassVar[str] = REPLY_LOGITS  # plan.reply; what a device owner allows
+    reply_record: ClassVar[str | None] = KNOWLEDGE  # the reply's payload record; None: none
+    client_half: ClassVar[type[ClientHalf]] = ClientHalf
     uses_clients: ClassVar[bool] = True
     uses_proxy: ClassVar[bool] = True  # False: clients do no proxy work, no subset
     has_server_model: ClassVar[bool] = True  # False: no teacher or global model (local)
@@ -139,6 +152,13 @@ class Strategy:
                 privacy,
                 "none or sample: client-level DP on uploads applies to soft-label "
                 f"strategies (dsfl, fedmd), and {name} sends no soft labels",
+            )
+        if privacy == "sample" and cls.uses_clients and not cls.client_half.dp_sgd:
+            raise ConfigError(
+                "privacy.mode",
+                privacy,
+                f"{'none or client' if cls.reply_kind == REPLY_LOGITS else 'none'}: "
+                f"{name}'s clients add loss terms that DP-SGD does not train",
             )
         no_model = mitigation.needs_server_model and not cls.has_server_model
         if no_model or (mitigation.needs_clients and not cls.uses_clients):

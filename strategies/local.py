@@ -13,11 +13,14 @@ from flwr.app import ArrayRecord
 from fedkd.protocol import REPLY_NONE, ClientReply
 from fedkd.round import Round
 from strategies.base import STRATEGIES, Strategy
+from strategies.client_half import NoUpload
 
 
 @STRATEGIES.register("local")
 class Local(Strategy):
     reply_kind = REPLY_NONE
+    reply_record = None
+    client_half = NoUpload
     uses_proxy = False
     has_server_model = False
 

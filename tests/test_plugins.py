@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -61,3 +62,27 @@ def test_plugin_strategy_and_mitigation_run_in_a_real_simulation(tmp_path):
     items = data.proxy_pool_size(1) + min(20, data.proxy_pool_size(0))
     one = payload_bytes(encode(torch.zeros(items, data.num_classes), "float16", LOGITS, "logits"))
     assert rows[1]["bytes_up"] == 3 * one
+
+
+SHARPEN = ("plugins=[tests.plugin_sharpen]", "~strategy", "+strategy.name=sharpen")
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("execution", ["per_client", "cohort"])
+def test_a_plugin_algorithm_with_its_own_loss_term_and_reply_kind_runs(tmp_path, execution):
+    """tests/plugin_sharpen.py: both halves in one module outside fedkd. Its clients
+    fold their own loss term (counted in the reply) and reply with a kind no
+    built-in strategy knows; the server checks and aggregates it."""
+    from tests.test_simulation import fedkd_sim
+
+    run = tmp_path / "run"
+    nodes = ("simulation.cohort_nodes=2",) if execution == "cohort" else ()
+    fedkd_sim(*TINY, *SHARPEN, f"simulation.execution={execution}", *nodes, f"hydra.run.dir={run}")
+    rows = read_metrics(run)
+    assert [r["replies"] for r in rows] == [3, 3]
+    assert all(r["term_folds"] > 0 and 0 < r["histogram_max"] <= 1 for r in rows)
+    from tests.plugin_sharpen import histogram_record
+
+    classes = federated_data(yaml.safe_load((run / "config.yaml").read_text())).num_classes
+    one = payload_bytes(histogram_record(np.zeros(classes), 0))
+    assert [r["bytes_up"] for r in rows] == [3 * one, 3 * one]

@@ -19,8 +19,6 @@ MAX_FUNCTION_LINES = 60
 
 # PENDING: issue 31 refactor in progress; remove when done
 PENDING = {
-    "fedkd/local_round.py:client_reply",
-    "fedkd/training.py:train_student",
     "fedkd/mitigations/student_memory.py",
 }
 

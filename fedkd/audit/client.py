@@ -34,6 +34,7 @@ from fedkd.client_store import ROUND, ClientStore
 from fedkd.comm.codecs import decode, encode
 from fedkd.config import FedKDConfig
 from fedkd.data.federated import FederatedData
+from fedkd.loss_terms import TeacherKD
 from fedkd.models import create_model
 from fedkd.privacy.dpsgd import DPSGD, StepAudit, dp_train_student
 from fedkd.privacy.noise import DPNoise
@@ -99,7 +100,8 @@ class ClientRecipe:
             )
             teacher = None
         if self.dp is None:
-            train_student(model, x, y, hp, generator, proxy_x=proxy_x, teacher_probs=teacher)
+            terms = [] if teacher is None else [TeacherKD(proxy_x, teacher, hp.alpha)]
+            train_student(model, x, y, hp, generator, terms)
             return 0
         _, steps = dp_train_student(
             model, x, y, hp, self.dp, generator, proxy_x, teacher, noise=DPNoise(), audit=audit
