@@ -1,6 +1,12 @@
-"""Hydra composition outside `fedkd-sim`: `compose_config(overrides)` (what `flwr run`
+"""Composing a run from the config: `validate` (the schema's checks, then the
+components built and checked against each other: strategy x mitigation x privacy),
+Hydra composition outside `fedkd-sim` (`compose_config(overrides)`, what `flwr run`
 apps, `fedkd-deploy` and the tests use), one-line descriptions of Hydra's errors, and
 the plain (resolved, picklable) form of a config that travels to clients.
+
+Layers, each importing only those before it: fedkd/config/ (the typed schema and
+per-section checks), the components (strategies/, fedkd/mitigations/, built through
+fedkd/components.py), this module (tests/test_import_graph.py checks it).
 """
 
 from __future__ import annotations
@@ -11,13 +17,42 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedkd.config import CONF_DIR, validate
+from fedkd.config import CONF_DIR, FedKDConfig, one_of, typed
 from fedkd.errors import ConfigError, FedKDError
 
 
 def group_options(group: str) -> list[str]:
     """The config files available in a group of conf/ (what `group=NAME` accepts)."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def validate(cfg: DictConfig | dict[str, Any]) -> FedKDConfig:
+    """Check every value Hydra's types cannot, before any data is loaded or any process
+    is started; raise ConfigError on the first bad one. Returns the typed config.
+
+    In order: a strategy and a mitigation are chosen; the `plugins` are imported (they
+    may register datasets, models and partitioners the sections name); every section's
+    own check; the mitigation built with its Params and checked against the config;
+    the strategy checked against the config and the mitigation, then built with its
+    Params."""
+    from fedkd.mitigations import build_mitigation
+    from fedkd.registry import import_plugins
+    from strategies import STRATEGIES, build_strategy
+
+    for key in ("strategy", "mitigation"):
+        missing = isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key)
+        node = None if missing else cfg.get(key)
+        if not isinstance(node, dict | DictConfig) or "name" not in node:
+            raise ConfigError(key, node, f"a config group choice, {one_of(group_options(key))}")
+    settings = typed(cfg)
+    import_plugins(settings.plugins)
+    settings.check()
+    strategy_cls = STRATEGIES.get(settings.strategy["name"])
+    mitigation = build_mitigation(settings)  # checks the mitigation's own Params
+    mitigation.check_config(settings)
+    strategy_cls.check_config(settings, type(mitigation))
+    build_strategy(settings)  # checks the strategy's own Params
+    return settings
 
 
 def describe_hydra_error(exc: BaseException) -> str:

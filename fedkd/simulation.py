@@ -20,8 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedkd.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 from fedkd.client_store import ClientStore
 from fedkd.cohort import COHORT, resolve_execution
-from fedkd.compose import to_plain
-from fedkd.config import validate
+from fedkd.compose import to_plain, validate
 from fedkd.data.federated import federated_data
 from fedkd.errors import FedKDError
 from fedkd.resources import resolve_num_gpus

@@ -59,7 +59,8 @@ def bench(
 ) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
-    from fedkd.config import CONF_DIR, validate
+    from fedkd.compose import validate
+    from fedkd.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)

@@ -6,7 +6,8 @@ A strategy registers itself with `@STRATEGIES.register("name")`; its config node
 
 from __future__ import annotations
 
-from fedkd.config import FedKDConfig, build_component
+from fedkd.components import build_component
+from fedkd.config import FedKDConfig
 from strategies.base import STRATEGIES, ServerContext, Strategy, sample_partitions
 
 

@@ -1,8 +1,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from fedkd.compose import group_options
-from fedkd.config import validate
+from fedkd.compose import group_options, validate
 from fedkd.errors import ConfigError
 from tests.conftest import compose_cfg
 

@@ -72,7 +72,7 @@ def test_median_of_even_count_is_the_middle_mean():
 
 
 def test_bad_fault_and_aggregator_settings_are_refused(tiny_cfg):
-    from fedkd.config import validate
+    from fedkd.compose import validate
 
     bad = [
         ("faults.client_crash_prob=1.5", "faults.client_crash_prob"),

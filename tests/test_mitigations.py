@@ -11,7 +11,7 @@ from fedkd.client import build_client_app
 from fedkd.client_runtime import client_runtime
 from fedkd.comm.codecs import encode, payload_bytes
 from fedkd.comm.npy import array_from_numpy
-from fedkd.config import validate
+from fedkd.compose import validate
 from fedkd.errors import ConfigError
 from fedkd.inversion import Inversion, invert, soft_targets
 from fedkd.local_round import new_student

@@ -30,7 +30,7 @@ TWO_TASKS = (
 
 
 def test_plugin_settings_are_checked_by_their_own_schemas(tiny_cfg):
-    from fedkd.config import validate
+    from fedkd.compose import validate
 
     settings = validate(tiny_cfg(*PLUGINS, *VOTE, *REHEARSAL, *TWO_TASKS))
     assert settings.strategy["name"] == "vote" and settings.mitigation["name"] == "rehearsal"

@@ -113,7 +113,7 @@ def test_dp_sgd_is_seeded_and_counts_its_steps():
     ],
 )  # fmt: skip
 def test_private_settings_that_cannot_work_are_refused(tiny_cfg, overrides, key):
-    from fedkd.config import validate
+    from fedkd.compose import validate
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(tiny_cfg(*overrides))

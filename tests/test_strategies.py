@@ -299,7 +299,7 @@ def test_label_memory_keeps_every_item_received_and_distills_on_all(plain_cfg):
 
 @pytest.mark.parametrize("setting", ["strategy.label_memory=true", "strategy.download_size=10"])
 def test_proxy_item_settings_are_refused_with_lifelong_streams(tiny_cfg, setting):
-    from fedkd.config import validate
+    from fedkd.compose import validate
     from fedkd.errors import ConfigError
 
     cfg = tiny_cfg("strategy=dsfl", setting, "lifelong=class_incremental", "rounds=20")

@@ -174,7 +174,7 @@ def test_honest_updates_are_not_clipped(plain_cfg):
 
 
 def test_update_clip_and_max_weight_share_are_checked(tiny_cfg):
-    from fedkd.config import validate
+    from fedkd.compose import validate
 
     with pytest.raises(ConfigError, match=r"strategy\.update_clip"):
         validate(tiny_cfg("strategy=fedavg", "strategy.update_clip=20"))  # > max_update_ratio

@@ -1,11 +1,15 @@
 """The typed config schema (Hydra ConfigStore), each section with its own checks.
 
 Hydra merges `conf/` into these dataclasses, so a wrong type or an unknown key fails
-at composition. `validate()` then builds the typed config (`typed`) and runs every
-section's `check`, then the strategy's and the mitigation's own parameter schemas
-(declared next to each of them), before any data is loaded or any process is
-started. Every failure is a `ConfigError` naming the key, the value and what is
-allowed. Code reads settings from the typed config, never by casting dict values.
+at composition; `typed` gives the typed config and `FedKDConfig.check` runs every
+section's `check`. Every failure is a `ConfigError` naming the key, the value and what
+is allowed. Code reads settings from the typed config, never by casting dict values.
+
+The schema only: this package imports no component (strategies, mitigations) and not
+the composition layer. A component's own settings parse with `parse_params`; building
+the strategy and the mitigation is `fedkd.components`; checking that they fit
+together and the rest of the config (strategy x mitigation x privacy) is
+`fedkd.compose.validate`, which runs before any data is loaded or any process starts.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from fedkd.config.data import (
 from fedkd.config.learning import DistillConfig, ModelConfig, TrainConfig
 from fedkd.config.runtime import FaultsConfig, OutputConfig, PrivacyConfig, SimulationConfig
 from fedkd.errors import ConfigError
-from fedkd.registry import Registry
 
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 P = TypeVar("P")
@@ -109,39 +112,6 @@ def parse_params(schema: type[P], node: dict[str, Any], key: str, owner: str) ->
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def build_component(registry: Registry, cfg: FedKDConfig, key: str) -> Any:
-    """The component that config node `key` (`strategy`, `mitigation`) names, built
-    with its own Params, checked."""
-    node = dict(getattr(cfg, key))
-    cls = registry.get(node["name"])
-    return cls(cfg, parse_params(cls.Params, node, key, node["name"]))
-
-
-def validate(cfg: DictConfig | dict[str, Any]) -> FedKDConfig:
-    """Check every value Hydra's types cannot; raise ConfigError on the first bad one.
-    Returns the typed config."""
-    from fedkd.mitigations import build_mitigation
-    from fedkd.registry import import_plugins
-    from strategies import STRATEGIES, build_strategy
-
-    for key in ("strategy", "mitigation"):
-        missing = isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key)
-        node = None if missing else cfg.get(key)
-        if not isinstance(node, dict | DictConfig) or "name" not in node:
-            from fedkd.compose import group_options
-
-            raise ConfigError(key, node, f"a config group choice, {one_of(group_options(key))}")
-    settings = typed(cfg)
-    import_plugins(settings.plugins)
-    settings.check()
-    strategy_cls = STRATEGIES.get(settings.strategy["name"])
-    mitigation = build_mitigation(settings)  # checks the mitigation's own Params
-    mitigation.check_config(settings)
-    strategy_cls.check_config(settings, type(mitigation))
-    build_strategy(settings)  # checks the strategy's own Params
-    return settings
-
-
 __all__ = [
     "CONF_DIR",
     "DatasetConfig",
@@ -158,10 +128,8 @@ __all__ = [
     "SimulationConfig",
     "SyntheticConfig",
     "TrainConfig",
-    "build_component",
     "one_of",
     "parse_params",
     "require",
     "typed",
-    "validate",
 ]

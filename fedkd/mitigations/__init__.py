@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 def build_mitigation(cfg: FedKDConfig) -> Mitigation:
     """The configured mitigation (`cfg.mitigation`), its parameters checked."""
-    from fedkd.config import build_component
+    from fedkd.components import build_component
 
     return build_component(MITIGATIONS, cfg, "mitigation")
 
