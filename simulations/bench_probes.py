@@ -9,8 +9,9 @@ import os
 import platform
 import threading
 from datetime import date
-from pathlib import Path
 from typing import Any
+
+from fedkd.results.provenance import cpu_model
 
 
 class TreeRSS:
@@ -75,16 +76,8 @@ def machine() -> dict[str, Any]:
     import ray
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -173,6 +173,15 @@ def figures(runs: list[Run], out_dir: Path) -> list[Path]:
     return written
 
 
+def produced_by(runs: list) -> str:
+    """A line naming the commits and CPUs the runs came from (summary.json's
+    provenance; runs from before it was recorded count as unknown)."""
+    seen = [r.summary.get("provenance") or {} for r in runs]
+    commits = sorted({p.get("commit") or "unknown" for p in seen})
+    cpus = sorted({p.get("cpu") or "unknown" for p in seen})
+    return f"\nProduced by commit {', '.join(commits)} on {'; '.join(cpus)}.\n"
+
+
 def report(
     paths: list[str],
     out: str | None,
@@ -187,6 +196,7 @@ def report(
         for run in runs:
             reach_target(run, target)
     markdown, csv_text = table(runs, target)
+    markdown += produced_by(runs)
     if out:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -167,3 +167,19 @@ def test_lifelong_runs_get_server_and_student_accuracy_matrices(tmp_path):
     report([str(tmp_path / "runs")], str(tmp_path / "out"))
     for name in ("matrix_dsfl_student_memory.png", "student_matrix_dsfl_student_memory.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_a_table_names_the_commits_and_cpus_its_runs_came_from():
+    from types import SimpleNamespace
+
+    from fedkd.results.provenance import provenance
+    from simulations.report import produced_by
+
+    mine = provenance()
+    assert mine["cpu"] and mine["cpu_capability"]
+    runs = [
+        SimpleNamespace(summary={"provenance": {"commit": "abc", "cpu": "Xeon"}}),
+        SimpleNamespace(summary={"provenance": {"commit": "def", "cpu": "Xeon"}}),
+        SimpleNamespace(summary={}),  # recorded before provenance existed
+    ]
+    assert produced_by(runs) == "\nProduced by commit abc, def, unknown on Xeon; unknown.\n"

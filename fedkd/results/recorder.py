@@ -14,6 +14,7 @@ from typing import Any
 
 from fedkd.atomic import make_dir, open_append, write_text_atomic
 from fedkd.errors import FedKDError
+from fedkd.results.provenance import provenance
 
 REQUIRED_FIELDS = (
     "round",
@@ -146,7 +147,7 @@ class RunRecorder:
         return out
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        summary = self.summary() | (extra or {})
+        summary = self.summary() | (extra or {}) | {"provenance": provenance()}
         if self.plots and self.rows:
             from fedkd.results import plots
 
