@@ -23,7 +23,7 @@ from fedkd.checkpoint import CHECKPOINT, CheckpointError, config_digest
 from fedkd.config import FedKDConfig, typed
 from fedkd.data.federated import FederatedData, federated_data
 from fedkd.evaluation import LifelongEvaluation
-from fedkd.mitigations import Mitigation, build_mitigation
+from fedkd.mitigations import Mitigation, MitigationContext, build_mitigation
 from fedkd.privacy.ledger import PrivacyLedger
 from strategies import ServerContext, Strategy, build_strategy
 
@@ -144,6 +144,19 @@ def build_server_state(plain: dict[str, Any], device: str) -> ServerState:
     privacy = PrivacyLedger(cfg)
     strategy = build_strategy(cfg)
     strategy.setup(ServerContext(cfg, data, device, mitigation, privacy))
-    mitigation.attach(strategy)
+    mitigation.attach(mitigation_context(strategy))
     evaluation = LifelongEvaluation(data, device)
     return ServerState(plain, cfg, data, strategy, mitigation, evaluation, privacy)
+
+
+def mitigation_context(strategy: Strategy) -> MitigationContext:
+    """What the mitigation's server hooks see of a set-up strategy: its data, seed and
+    device, its server model as it stands, and the codec of its teacher's soft labels
+    (a soft-label strategy's `download_codec`; float16 for the others)."""
+    return MitigationContext(
+        data=strategy.data,
+        seed=strategy.seed,
+        device=strategy.device,
+        server_model=lambda: strategy.server_model,
+        download_codec=getattr(strategy, "download_codec", "float16"),
+    )

@@ -35,7 +35,7 @@ class Rehearsal(Mitigation):
         self.finished.append(task)
 
     def extra_segments(self, rnd: int) -> list[ProxySegment]:
-        data, seed = self.strategy.data, self.strategy.seed
+        data, seed = self.context.data, self.context.seed
         return [
             ProxySegment(
                 t,

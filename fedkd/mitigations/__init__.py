@@ -9,6 +9,7 @@ from fedkd.mitigations.base import (
     ClientExtras,
     ClientRound,
     Mitigation,
+    MitigationContext,
     MitigationParams,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "ClientExtras",
     "ClientRound",
     "Mitigation",
+    "MitigationContext",
     "MitigationParams",
     "build_mitigation",
 ]

@@ -2,8 +2,10 @@
 
 A mitigation fights forgetting across tasks. It is built on both sides from the
 same config node (`mitigation`, conf/mitigation/NAME.yaml): the round loop calls the
-server hooks (after `attach`ing the strategy), a client calls `client_extras` before
-local training and may let `client_train` replace it. The base class is `none`:
+server hooks, a client calls `client_extras` before local training and may let
+`client_train` replace it. The server hooks see the run through a `MitigationContext`
+(data, seed, device, the server model, the download codec), handed to `attach` once
+the strategy is set up; never through the strategy itself. The base class is `none`:
 naive fine-tuning, the baseline every other one is measured against.
 
 A new mitigation is one file in fedkd/mitigations/ (a class registered with
@@ -13,6 +15,7 @@ A new mitigation is one file in fedkd/mitigations/ (a class registered with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,7 +31,6 @@ if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
     from fedkd.data.federated import FederatedData
     from fedkd.round import Round
-    from strategies.base import Strategy
 
 MITIGATIONS: Registry[type[Mitigation]] = Registry(
     "mitigation", "mitigation.name", ("fedkd.mitigations",)
@@ -43,6 +45,19 @@ class MitigationParams:
 
     def check(self, cfg: FedKDConfig) -> None:
         """Reject values the mitigation cannot use (raise ConfigError)."""
+
+
+@dataclass(frozen=True)
+class MitigationContext:
+    """What the server hooks may use of the run (built in fedkd/server_state.py)."""
+
+    data: FederatedData
+    seed: int  # the run's root seed
+    device: str
+    # the server model as it stands (trained in place round by round); None for a
+    # strategy without one, which no mitigation that needs one is run with
+    server_model: Callable[[], nn.Module | None]
+    download_codec: str = "float16"  # of the teacher's soft labels down
 
 
 @dataclass
@@ -117,7 +132,7 @@ class Mitigation:
         params.check(cfg)
         self.cfg = cfg
         self.params = params
-        self.strategy: Strategy | None = None  # the server's, once attached
+        self.context: MitigationContext | None = None  # the server's, once attached
 
     def check_config(self, cfg: FedKDConfig) -> None:
         """Reject settings outside the mitigation's own that it cannot serve."""
@@ -133,9 +148,9 @@ class Mitigation:
             )
 
     # ------------------------------------------------------------- server side
-    def attach(self, strategy: Strategy) -> None:
-        """The server's strategy, set up; the server hooks act on it."""
-        self.strategy = strategy
+    def attach(self, context: MitigationContext) -> None:
+        """What the server hooks see of the run, once the strategy is set up."""
+        self.context = context
 
     def begin_round(self, r: Round) -> None:
         """Called once the round's clients and proxy subset are known."""
@@ -165,7 +180,7 @@ class Mitigation:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()` on resume (the strategy is attached and restored)."""
+        """Restore `state_dict()` on resume (attached; the server model restored)."""
 
     # ------------------------------------------------------------- client side
     def client_extras(self, ctx: ClientRound) -> ClientExtras:

@@ -64,11 +64,11 @@ class Review(Mitigation):
 
     # ------------------------------------------------------------- server half
     def on_task_end(self, task: int) -> None:
-        self.snapshot = copy.deepcopy(self.strategy.server_model).eval()
+        self.snapshot = copy.deepcopy(self.context.server_model()).eval()
         self.tasks_done = task + 1
 
     def extra_segments(self, rnd: int) -> list[ProxySegment]:
-        data, seed = self.strategy.data, self.strategy.seed
+        data, seed = self.context.data, self.context.seed
         if data.proxy_mode == "stationary" or self.snapshot is None:
             return []
         return [
@@ -84,14 +84,14 @@ class Review(Mitigation):
         k = round(self.fraction * len(sampled))
         if self.snapshot is None or k == 0:
             return
-        pick = numpy_rng(self.strategy.seed, r.number, "reviewers").choice(
+        ctx = self.context
+        pick = numpy_rng(ctx.seed, r.number, "reviewers").choice(
             len(sampled), size=k, replace=False
         )
         self.reviewers = {sampled[i] for i in pick}
         tau = self.cfg.distill.temperature
-        probs = soft_labels(self.snapshot, r.proxy_x, tau, device=self.strategy.device)
-        codec = getattr(self.strategy, "download_codec", "float16")
-        self.review_labels = encode(probs, codec, SOFT_LABELS, kind="probs")
+        probs = soft_labels(self.snapshot, r.proxy_x, tau, device=ctx.device)
+        self.review_labels = encode(probs, ctx.download_codec, SOFT_LABELS, kind="probs")
 
     def adjust_plan(self, r: Round, pid: int, plan: RoundPlan) -> RoundPlan:
         if pid in self.reviewers:
@@ -111,7 +111,7 @@ class Review(Mitigation):
         self.tasks_done = int(state["tasks_done"])
         self.snapshot = None
         if state["snapshot"] is not None:
-            self.snapshot = copy.deepcopy(self.strategy.server_model).eval()
+            self.snapshot = copy.deepcopy(self.context.server_model()).eval()
             self.snapshot.load_state_dict(state["snapshot"])
 
     # ------------------------------------------------------------- client half

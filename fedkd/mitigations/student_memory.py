@@ -132,8 +132,8 @@ class StudentMemory(TeacherMemory):
             super().on_task_end(task)
             return
         started = time.perf_counter()
-        strategy, p = self.strategy, self.params
-        data, teacher, device = strategy.data, strategy.server_model, strategy.device
+        ctx, p = self.context, self.params
+        data, teacher, device = ctx.data, ctx.server_model(), ctx.device
         # which classes the teacher has learnt here: its predictions on the task's
         # current public items (looked at now, kept nowhere)
         items = data.proxy_inputs([self.task_segment(task)])
@@ -146,7 +146,7 @@ class StudentMemory(TeacherMemory):
             p.synthetic_items,
             data.num_classes,
             hp.concentration,
-            numpy_rng(strategy.seed, task, "synthesis"),
+            numpy_rng(ctx.seed, task, "synthesis"),
         )
         x = invert(
             teacher,
@@ -154,7 +154,7 @@ class StudentMemory(TeacherMemory):
             data.input_shape,
             input_bounds(data),
             hp,
-            torch_generator(strategy.seed, task, "synthesis"),
+            torch_generator(ctx.seed, task, "synthesis"),
             device,
         )
         probs = soft_labels(teacher, x, self.cfg.distill.temperature, device=device)
@@ -182,7 +182,7 @@ class StudentMemory(TeacherMemory):
     def adjust_plan(self, r: Round, pid: int, plan: RoundPlan) -> RoundPlan:
         if self.params.source != "broadcast":
             return plan
-        data, seed = self.strategy.data, self.strategy.seed
+        data, seed = self.context.data, self.context.seed
         memory = tuple(
             ProxySegment(
                 t,
@@ -205,21 +205,21 @@ class StudentMemory(TeacherMemory):
     def _memory_records(self, r: Round, plan: RoundPlan) -> dict[str, ArrayRecord]:
         """The current teacher's soft labels on the items a client at plan.task
         rehearses (MEMORY), and the synthetic inputs themselves (MEMORY_INPUTS)."""
-        strategy = self.strategy
+        ctx = self.context
         if self.params.source == "broadcast":
-            x = strategy.data.proxy_inputs(list(plan.memory))
+            x = ctx.data.proxy_inputs(list(plan.memory))
         else:
             picks = []
             for t in self._past(plan.task):
                 pool = self.synthetic[t]
-                rng = numpy_rng(strategy.seed, t, r.number, "student-memory")
+                rng = numpy_rng(ctx.seed, t, r.number, "student-memory")
                 rows = sample_rows(rng, len(pool), self.params.student_items)
                 picks.append(pool[torch.from_numpy(rows)])
             if not picks:
                 return {}
             x = torch.cat(picks).half().float()  # as the client will see them
         tau = self.cfg.distill.temperature
-        probs = soft_labels(strategy.server_model, x, tau, device=strategy.device)
+        probs = soft_labels(ctx.server_model(), x, tau, device=ctx.device)
         records = {MEMORY: encode(probs, plan.teacher_codec, SOFT_LABELS, kind="probs")}
         if self.params.source == "synthetic":
             records[MEMORY_INPUTS] = ArrayRecord({INPUTS: array_from_numpy(x.half().numpy())})

@@ -56,22 +56,20 @@ class TeacherMemory(Mitigation):
 
     def task_segment(self, task: int) -> ProxySegment:
         """The `memory_size` items of task `task`'s proxy pool the memory is about."""
-        strategy = self.strategy
-        count = min(self.size, strategy.data.proxy_pool_size(task))
-        return ProxySegment(task, derive_seed(strategy.seed, task, "teacher-memory"), count)
+        ctx = self.context
+        count = min(self.size, ctx.data.proxy_pool_size(task))
+        return ProxySegment(task, derive_seed(ctx.seed, task, "teacher-memory"), count)
 
     def on_task_end(self, task: int) -> None:
-        strategy = self.strategy
+        ctx = self.context
         seg = self.task_segment(task)
-        x = strategy.data.proxy_inputs([seg])
+        x = ctx.data.proxy_inputs([seg])
         tau = self.cfg.distill.temperature
-        self.memory.append(
-            (seg, soft_labels(strategy.server_model, x, tau, device=strategy.device))
-        )
+        self.memory.append((seg, soft_labels(ctx.server_model(), x, tau, device=ctx.device)))
 
     def memory_inputs(self) -> torch.Tensor:
         """The remembered items, in memory order: public proxy items of past tasks."""
-        return self.strategy.data.proxy_inputs([seg for seg, _ in self.memory])
+        return self.context.data.proxy_inputs([seg for seg, _ in self.memory])
 
     def teacher_batch(self, x: torch.Tensor, target: torch.Tensor):
         if not self.memory or self.weight <= 0:
