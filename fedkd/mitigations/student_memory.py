@@ -19,12 +19,12 @@ and their labels come from is `source`:
   and round, counted in `bytes_down`; nothing extra up.
 - `synthetic` (data-free, for a proxy set that drifts away for good): no past-task
   public item is kept anywhere. At the end of each task the server synthesises
-  `synthetic_items` inputs from its teacher by model inversion (fedkd/inversion.py)
-  for the classes the teacher predicts on that task's public items; they replace
-  the public items in the teacher's memory, and each round `student_items` of them
-  per past task travel to the students with the teacher's soft labels (the inputs
-  as float16 in a record "memory-inputs": about 1.6 KB per Fashion-MNIST item,
-  counted in `bytes_down`).
+  `synthetic_items` inputs from its teacher by model inversion (task_synthesis.py,
+  fedkd/inversion.py) for the classes the teacher predicts on that task's public
+  items; they replace the public items in the teacher's memory, and each round
+  `student_items` of them per past task travel to the students with the teacher's
+  soft labels (the inputs as float16 in a record "memory-inputs": about 1.6 KB per
+  Fashion-MNIST item, counted in `bytes_down`).
 
 Works with the strategies `teacher_memory` serves (a server model) whose clients
 train; `bank` needs a strategy that sends soft labels (dsfl, fedmd, feddf).
@@ -45,8 +45,8 @@ from flwr.app import ArrayRecord
 from fedkd.comm.codecs import check, decode, encode
 from fedkd.comm.npy import array_from_numpy
 from fedkd.config import require
-from fedkd.inversion import Inversion, invert, soft_targets
 from fedkd.mitigations.base import MITIGATIONS, ClientExtras
+from fedkd.mitigations.task_synthesis import synthesise_task
 from fedkd.mitigations.teacher_memory import TeacherMemory, TeacherMemoryParams
 from fedkd.protocol import (
     MEMORY,
@@ -57,8 +57,8 @@ from fedkd.protocol import (
     RoundPlan,
     check_array,
 )
-from fedkd.seeding import derive_seed, numpy_rng, sample_rows, torch_generator
-from fedkd.training import Rehearsal, predict_logits, soft_labels
+from fedkd.seeding import derive_seed, numpy_rng, sample_rows
+from fedkd.training import Rehearsal, soft_labels
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
@@ -70,7 +70,6 @@ log = logging.getLogger("fedkd")
 SOURCES = ("bank", "broadcast", "synthetic")
 MEMORY_INPUTS = "memory-inputs"  # ArrayRecord down: the synthetic source's inputs
 INPUTS = "inputs"
-CLASS_SHARE = 0.05  # a class the teacher predicts on this share of a task's items is its
 
 
 @dataclass
@@ -133,31 +132,13 @@ class StudentMemory(TeacherMemory):
             return
         started = time.perf_counter()
         ctx, p = self.context, self.params
-        data, teacher, device = ctx.data, ctx.server_model(), ctx.device
-        # which classes the teacher has learnt here: its predictions on the task's
-        # current public items (looked at now, kept nowhere)
-        items = data.proxy_inputs([self.task_segment(task)])
-        predicted = predict_logits(teacher, items, device=device).argmax(1)
-        counts = torch.bincount(predicted, minlength=data.num_classes)
-        classes = [c for c in range(data.num_classes) if counts[c] >= CLASS_SHARE * len(predicted)]
-        hp = Inversion(steps=p.synthesis_steps)
-        targets = soft_targets(
-            classes,
-            p.synthetic_items,
-            data.num_classes,
-            hp.concentration,
-            numpy_rng(ctx.seed, task, "synthesis"),
+        teacher = ctx.server_model()
+        items = ctx.data.proxy_inputs([self.task_segment(task)])  # looked at, not kept
+        count, steps = p.synthetic_items, p.synthesis_steps
+        x, classes = synthesise_task(
+            teacher, items, ctx.data, ctx.seed, task, count, steps, ctx.device
         )
-        x = invert(
-            teacher,
-            targets,
-            data.input_shape,
-            input_bounds(data),
-            hp,
-            torch_generator(ctx.seed, task, "synthesis"),
-            device,
-        )
-        probs = soft_labels(teacher, x, self.cfg.distill.temperature, device=device)
+        probs = soft_labels(teacher, x, self.cfg.distill.temperature, device=ctx.device)
         self.memory.append((ProxySegment(task, 0, len(x)), probs))  # names the task only
         self.synthetic[task] = x
         log.info(
@@ -304,11 +285,3 @@ class StudentMemory(TeacherMemory):
         x = torch.cat([v["x"] for v in kept]).float()
         probs = torch.cat([v["probs"] for v in kept]).float()
         return x, probs / probs.sum(dim=1, keepdim=True)  # float16 rounding
-
-
-def input_bounds(data: Any) -> tuple[float, float]:
-    """The range of the data's normalised inputs (black and white images)."""
-    shape = (1, *data.input_shape)
-    black = data.normalize(np.zeros(shape, dtype=np.uint8))
-    white = data.normalize(np.full(shape, 255, dtype=np.uint8))
-    return float(torch.minimum(black, white).min()), float(torch.maximum(black, white).max())
