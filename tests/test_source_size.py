@@ -17,10 +17,6 @@ SOURCE_DIRS = ("fedkd", "strategies", "simulations")
 MAX_MODULE_LINES = 300
 MAX_FUNCTION_LINES = 60
 
-# PENDING: issue 31 refactor in progress; remove when done
-PENDING: set[str] = set()
-
-
 def oversized(path: Path, rel: str) -> dict[str, str]:
     """{offender: why} for one module: the module itself (`rel`) when over
     MAX_MODULE_LINES, and each function or method (`rel:Qual.name`) over
@@ -58,16 +54,8 @@ def source_offenders(root: Path = ROOT) -> dict[str, str]:
 
 
 def test_source_modules_and_functions_stay_under_the_limits():
-    found = source_offenders()
-    over = [why for key, why in sorted(found.items()) if key not in PENDING]
+    over = sorted(source_offenders().values())
     assert not over, "over the size limits:\n  " + "\n  ".join(over)
-
-
-def test_the_pending_list_is_not_stale():
-    """Every PENDING item must still be over its limit: once its refactor lands,
-    it leaves the list (and the check covers it again)."""
-    stale = sorted(PENDING - set(source_offenders()))
-    assert not stale, "no longer over the limit; remove from PENDING: " + ", ".join(stale)
 
 
 def test_the_checker_catches_a_long_function_and_a_long_module(tmp_path):
