@@ -80,7 +80,7 @@ def client_half(cfg: FedKDConfig) -> ClientHalf:
 
     node = dict(cfg.strategy)
     cls = STRATEGIES.get(node["name"])
-    return ClientHalf.of(cls, cfg, parse_params(cls.Params, node, "strategy", node["name"]))
+    return cls.client(cfg, parse_params(cls.Params, node, "strategy", node["name"]))
 
 
 _LAST: list[Any] = [None, None]  # (plain config, its runtime): the same dict every call

@@ -167,6 +167,13 @@ class Strategy:
                 "mitigation", mitigation.name, f"a mitigation that fits {name}: {why}"
             )
 
+    @classmethod
+    def client(cls, cfg: FedKDConfig, params: StrategyParams) -> ClientHalf:
+        """The client half, built on a client, replying as this strategy declares."""
+        half = cls.client_half(cfg, params)
+        half.reply_kind, half.reply_record = cls.reply_kind, cls.reply_record
+        return half
+
     def setup(self, ctx: ServerContext) -> None:
         """Build models and state (after the config was checked, before round 1)."""
         self.ctx = ctx

@@ -1,8 +1,9 @@
 """The client half of a strategy: what a client computes in its round.
 
 A strategy (strategies/base.py) names its client half in `client_half`, in the same
-file. The half is built once per client process from the run's config (on a device:
-the config its owner allows, fedkd/node_config.py) and answers two questions:
+file, and builds it with `Strategy.client`, once per client process, from the run's
+config (on a device: the config its owner allows, fedkd/node_config.py). A half
+answers two questions:
 
     terms(ctx)            the loss terms local training folds into CE (fedkd/loss_terms.py)
     upload(ctx, proxy_x)  the reply's payload: one ArrayRecord, sent under the
@@ -30,7 +31,6 @@ from fedkd.training import predict_logits
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig
     from fedkd.mitigations import ClientRound
-    from strategies.base import Strategy
 
 
 class ClientHalf:
@@ -44,15 +44,8 @@ class ClientHalf:
     def __init__(self, cfg: FedKDConfig, params: Any) -> None:
         self.cfg = cfg
         self.params = params  # the strategy's Params (conf/strategy/NAME.yaml)
-        self.reply_kind = ""  # the strategy's, set by `of`
+        self.reply_kind = ""  # the strategy's (`Strategy.client`)
         self.reply_record: str | None = None
-
-    @classmethod
-    def of(cls, strategy: type[Strategy], cfg: FedKDConfig, params: Any) -> ClientHalf:
-        """`strategy`'s client half, replying as the strategy declares."""
-        half = strategy.client_half(cfg, params)
-        half.reply_kind, half.reply_record = strategy.reply_kind, strategy.reply_record
-        return half
 
     def terms(self, ctx: ClientRound) -> list[LossTerm]:
         if ctx.teacher_probs is None:
