@@ -17,6 +17,7 @@ SOURCE_DIRS = ("fedkd", "strategies", "simulations")
 MAX_MODULE_LINES = 300
 MAX_FUNCTION_LINES = 60
 
+
 def oversized(path: Path, rel: str) -> dict[str, str]:
     """{offender: why} for one module: the module itself (`rel`) when over
     MAX_MODULE_LINES, and each function or method (`rel:Qual.name`) over
