@@ -21,6 +21,7 @@ from fedkd.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 from fedkd.client_store import ClientStore
 from fedkd.cohort import COHORT, resolve_execution
 from fedkd.compose import to_plain, validate
+from fedkd.config import FedKDConfig, SimulationConfig, typed
 from fedkd.data.federated import federated_data
 from fedkd.errors import FedKDError
 from fedkd.resources import resolve_num_gpus
@@ -101,18 +102,18 @@ def prepare(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, A
     """Validate, resolve run-time values and load the data; returns the plain config.
     A new run refuses a directory that holds another run (unless output.overwrite)
     and starts with an empty client store of its own; a resumed one keeps it."""
-    validate(cfg)
+    settings = validate(cfg)
     out_dir = Path(out_dir).resolve()
     plain = to_plain(cfg)
     if not resume:
-        refuse_existing_run(out_dir, bool(plain["output"]["overwrite"]))
-    sim = plain["simulation"]
-    sim["num_gpus"] = resolve_num_gpus(sim["num_gpus"], int(sim["num_cpus"]))
+        refuse_existing_run(out_dir, settings.output.overwrite)
+    given, sim = settings.simulation, plain["simulation"]  # the plain one gets resolved
+    sim["num_gpus"] = resolve_num_gpus(given.num_gpus, given.num_cpus)
     resolve_execution(plain)
     if resume:  # config.yaml names the store the run used
-        store = Path(sim["client_state_dir"] or out_dir / "client_state").resolve()
+        store = Path(given.client_state_dir or out_dir / "client_state").resolve()
     else:
-        store = client_state_dir(sim["client_state_dir"], out_dir)
+        store = client_state_dir(given.client_state_dir, out_dir)
     sim["client_state_dir"] = str(store)
     data = federated_data(plain)  # fails here, before any process starts, if data is wrong
     log.info("data: %s", json.dumps(data.describe()))
@@ -125,23 +126,23 @@ def prepare(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, A
     return plain
 
 
-def simulated_nodes(plain: dict[str, Any]) -> int:
+def simulated_nodes(settings: FedKDConfig) -> int:
     """A node per client, or with cohorts `simulation.cohort_nodes` (fedkd/cohort.py)."""
-    sim = plain["simulation"]
-    return int(sim["cohort_nodes"] if sim["execution"] == COHORT else plain["num_clients"])
+    sim = settings.simulation
+    return sim.cohort_nodes if sim.execution == COHORT else settings.num_clients
 
 
-def backend_config(plain: dict[str, Any]) -> dict[str, Any]:
-    sim = plain["simulation"]
+def backend_config(sim: SimulationConfig) -> dict[str, Any]:
+    """Ray's settings for the `simulation` section (its GPU share resolved)."""
     init_args: dict[str, Any] = {
         "include_dashboard": False,
-        "log_to_driver": bool(sim["verbose"]),
-        "logging_level": logging.INFO if sim["verbose"] else logging.ERROR,
+        "log_to_driver": sim.verbose,
+        "logging_level": logging.INFO if sim.verbose else logging.ERROR,
     }
-    if sim["ray_address"]:
-        init_args["address"] = sim["ray_address"]
+    if sim.ray_address:
+        init_args["address"] = sim.ray_address
     return {
-        "client_resources": {"num_cpus": int(sim["num_cpus"]), "num_gpus": float(sim["num_gpus"])},
+        "client_resources": {"num_cpus": sim.num_cpus, "num_gpus": float(sim.num_gpus)},
         "init_args": init_args,
     }
 
@@ -161,22 +162,23 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, resume: bool = False) -
     plain = prepare(cfg, out, resume)
     if not resume:
         write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
-    verbose = bool(plain["simulation"]["verbose"])
+    settings = typed(plain)  # as resolved: GPU share, execution, client store
+    sim = settings.simulation
     from fedkd import flower_patches
 
-    flower_patches.configure(bool(plain["simulation"]["fast_dispatch"]))
+    flower_patches.configure(sim.fast_dispatch)
     # Keep Ray's current behaviour and drop its FutureWarning about changing it.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=build_server_app(plain, out, resume),
         client_app=build_client_app(plain),
-        num_supernodes=simulated_nodes(plain),
-        backend_config=backend_config(plain),
-        verbose_logging=verbose,
+        num_supernodes=simulated_nodes(settings),
+        backend_config=backend_config(sim),
+        verbose_logging=sim.verbose,
     )
     summary_path = out / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}")
-    if not plain["simulation"]["keep_client_state"]:  # this run's files only
-        ClientStore(plain["simulation"]["client_state_dir"], run_id=str(out)).remove()
+    if not sim.keep_client_state:  # this run's files only
+        ClientStore(sim.client_state_dir, run_id=str(out)).remove()
     return json.loads(summary_path.read_text())

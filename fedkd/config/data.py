@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fedkd.config.checks import at_least as _at_least
@@ -47,7 +47,7 @@ class DatasetConfig:
     def num_classes(self) -> int:
         from fedkd.data.datasets import num_classes_of
 
-        return num_classes_of(asdict(self))
+        return num_classes_of(self)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from fedkd.atomic import write_atomic
 from fedkd.errors import DataError
 from fedkd.registry import Registry
 from fedkd.seeding import numpy_rng
+
+if TYPE_CHECKING:
+    from fedkd.config import DatasetConfig
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DOWNLOAD_ROOT = Path(os.environ.get("FEDKD_DATA", "~/.cache/fedkd/data")).expanduser()
@@ -254,9 +258,9 @@ def _synthetic(cfg: dict) -> DatasetSplits:
     return load_synthetic(**cfg["synthetic"])
 
 
-def num_classes_of(cfg: dict) -> int:
-    """The number of classes of a configured dataset, without loading it."""
-    return int(cfg["synthetic"]["num_classes"]) if cfg["name"] == "synthetic" else 10
+def num_classes_of(dataset: DatasetConfig) -> int:
+    """The number of classes of the `dataset` section, without loading it."""
+    return dataset.synthetic.num_classes if dataset.name == "synthetic" else 10
 
 
 def list_datasets() -> list[str]:
