@@ -15,7 +15,8 @@ from fedkd.local_round import client_reply
 from fedkd.protocol import METRICS
 from fedkd.results import read_metrics
 from fedkd.round_loop import conclude_round, prepare_round
-from strategies.fd import CLASS_LOGITS, class_record
+from strategies.fd import CLASS_LOGITS
+from strategies.per_class import class_record
 from tests.conftest import TINY
 from tests.server_harness import reply, server_state
 
@@ -48,8 +49,8 @@ def test_the_class_mean_is_count_weighted_capped_and_hostile_replies_are_refused
         ],
     )
     assert stats["replies"] == 2 and stats["rejected"] == 1
-    assert torch.allclose(fd.global_logits[0], torch.full((c,), 1.25))  # (30*1 + 10*2) / 40
-    assert torch.allclose(fd.global_logits[1], torch.full((c,), 1.8))  # 0.2 * 1 + 0.8 * 2
+    assert torch.allclose(fd.means[0], torch.full((c,), 1.25))  # (30*1 + 10*2) / 40
+    assert torch.allclose(fd.means[1], torch.full((c,), 1.8))  # 0.2 * 1 + 0.8 * 2
     assert fd.known.tolist() == [1.0, 1.0] + [0.0] * (c - 2)
     r2, _ = prepare_round(state, 2)
     refused = conclude_round(state, r2, [fd_reply(0, ones, bad_counts, rnd=2)])
@@ -60,11 +61,11 @@ def test_a_client_refuses_malformed_class_logits_from_the_server(plain_cfg):
     plain = plain_cfg("strategy=fd")
     state = server_state(plain_cfg, "strategy=fd")
     c = state.data.num_classes
-    state.strategy.global_logits, state.strategy.known = torch.zeros(c, c), torch.ones(c)
+    state.strategy.means, state.strategy.known = torch.zeros(c, c), torch.ones(c)
     _, downloads = prepare_round(state, 1)
     pid, content = downloads[0]
     content[CLASS_LOGITS] = ArrayRecord(
-        {"logits": Array(np.zeros((c, c + 1), np.float32)), "counts": Array(np.ones(c, np.float32))}
+        {"means": Array(np.zeros((c, c + 1), np.float32)), "counts": Array(np.ones(c, np.float32))}
     )
     with pytest.raises(ValueError, match="malformed 'class-logits' from the server"):
         client_reply(plain, pid, content)

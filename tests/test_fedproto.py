@@ -13,14 +13,15 @@ from fedkd.local_round import client_reply
 from fedkd.protocol import METRICS
 from fedkd.results import read_metrics
 from fedkd.round_loop import conclude_round, prepare_round
-from strategies.fedproto import PROTOTYPES, last_linear, proto_record, representations
+from strategies.fedproto import PROTOTYPES, last_linear, representations
+from strategies.per_class import class_record
 from tests.conftest import TINY
 from tests.server_harness import reply, server_state
 
 
 def proto_reply(pid, protos, counts, n=100, rnd=1):
     metrics = MetricRecord({"round": rnd, "num-examples": n, "test-accuracy": 0.5})
-    record = proto_record(torch.as_tensor(protos), torch.as_tensor(counts))
+    record = class_record(torch.as_tensor(protos), torch.as_tensor(counts))
     return reply(pid, RecordDict({METRICS: metrics, PROTOTYPES: record}))
 
 
@@ -53,7 +54,7 @@ def test_prototypes_are_count_weighted_capped_and_hostile_replies_are_refused(pl
         ],
     )
     assert stats["replies"] == 2 and stats["rejected"] == 1
-    assert torch.allclose(fp.protos[0], torch.full((d,), 1.25))
+    assert torch.allclose(fp.means[0], torch.full((d,), 1.25))
     assert fp.known.tolist() == [1.0] + [0.0] * (c - 1)
     r2, _ = prepare_round(state, 2)
     huge = conclude_round(state, r2, [proto_reply(0, torch.full((c, d), 1e9), counts_a, rnd=2)])
@@ -64,11 +65,11 @@ def test_a_client_refuses_prototypes_of_another_width(plain_cfg):
     plain = plain_cfg("strategy=fedproto")
     state = server_state(plain_cfg, "strategy=fedproto")
     c, d = state.data.num_classes, state.strategy.width
-    state.strategy.protos, state.strategy.known = torch.zeros(c, d), torch.ones(c)
+    state.strategy.means, state.strategy.known = torch.zeros(c, d), torch.ones(c)
     _, downloads = prepare_round(state, 1)
     pid, content = downloads[0]
     content[PROTOTYPES] = ArrayRecord(
-        {"protos": Array(np.zeros((c, d + 3), np.float32)), "counts": Array(np.ones(c, np.float32))}
+        {"means": Array(np.zeros((c, d + 3), np.float32)), "counts": Array(np.ones(c, np.float32))}
     )
     with pytest.raises(ValueError, match="malformed 'prototypes' from the server"):
         client_reply(plain, pid, content)
