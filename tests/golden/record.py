@@ -49,8 +49,8 @@ RUNS: dict[str, tuple[str, tuple[str, ...]]] = {  # name: (path, fedkd-sim overr
 # --record also keeps this run with a learning rate 1e-3 (relative) higher: the check must
 # see it (tests/test_golden.py)
 PERTURBED_RUN, PERTURBATION = "dsfl", "train.lr=0.01001"
-# summary.json keys that describe the run's machinery, not its numbers
-SUMMARY_DROPPED = ("nodes", "nodes_admitted", "ray_nodes", "execution")
+# summary.json keys that describe the run's machinery or host, not its numbers
+SUMMARY_DROPPED = ("nodes", "nodes_admitted", "ray_nodes", "execution", "provenance")
 
 # Tolerances: 5x and 30x what `--spread` measured (tests/golden/spread.json: at most 1 test
 # item, 3.0e-5 relative), far below what a learning rate 1e-3 higher moves (27 items, 1.5e-2)
