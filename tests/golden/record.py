@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fedkd.results.provenance import cpu_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
@@ -150,18 +152,6 @@ def run(name: str, work: Path, extra: tuple[str, ...] = (), path: str | None = N
     (run_ray if (path or own) == "ray" else run_direct)((*overrides, *extra), out)
     summary = json.loads((out / "summary.json").read_text())
     return strip(read_metrics(out), summary)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def provenance() -> dict[str, Any]:
