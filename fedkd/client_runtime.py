@@ -75,12 +75,11 @@ def _runtime(cfg_key: str) -> ClientRuntime:
 
 def client_half(cfg: FedKDConfig) -> ClientHalf:
     """The configured strategy's client half, with the strategy's own settings."""
-    from fedkd.config import parse_params
+    from fedkd.components import component_params
     from strategies import STRATEGIES
 
-    node = dict(cfg.strategy)
-    cls = STRATEGIES.get(node["name"])
-    return cls.client(cfg, parse_params(cls.Params, node, "strategy", node["name"]))
+    cls, params = component_params(STRATEGIES, cfg, "strategy")
+    return cls.client(cfg, params)
 
 
 _LAST: list[Any] = [None, None]  # (plain config, its runtime): the same dict every call

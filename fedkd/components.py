@@ -17,9 +17,15 @@ if TYPE_CHECKING:
     from fedkd.registry import Registry
 
 
-def build_component(registry: Registry, cfg: FedKDConfig, key: str) -> Any:
-    """The component that config node `key` (`strategy`, `mitigation`) names, built
-    with its own Params, checked."""
+def component_params(registry: Registry, cfg: FedKDConfig, key: str) -> tuple[Any, Any]:
+    """The class that config node `key` (`strategy`, `mitigation`) names and its own
+    Params, parsed and checked (a client builds a strategy's half from these)."""
     node = dict(getattr(cfg, key))
     cls = registry.get(node["name"])
-    return cls(cfg, parse_params(cls.Params, node, key, node["name"]))
+    return cls, parse_params(cls.Params, node, key, node["name"])
+
+
+def build_component(registry: Registry, cfg: FedKDConfig, key: str) -> Any:
+    """The component that config node `key` names, built with its own Params."""
+    cls, params = component_params(registry, cfg, key)
+    return cls(cfg, params)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedkd.distill import distillation_loss, tempered_softmax
-from fedkd.loss_terms import LossTerm, Rehearsal, Step, drawn_items  # noqa: F401 (Rehearsal)
+from fedkd.loss_terms import LossTerm, Step, drawn_items
 
 if TYPE_CHECKING:
     from fedkd.config import DistillConfig, TrainConfig

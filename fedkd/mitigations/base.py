@@ -23,9 +23,10 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from fedkd.loss_terms import Rehearsal
 from fedkd.protocol import ProxySegment, RoundPlan
 from fedkd.registry import Registry
-from fedkd.training import LocalTraining, Rehearsal, distill_to_targets
+from fedkd.training import LocalTraining, distill_to_targets
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig

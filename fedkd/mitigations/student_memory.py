@@ -45,6 +45,7 @@ from flwr.app import ArrayRecord
 from fedkd.comm.codecs import check, decode, encode
 from fedkd.comm.npy import array_from_numpy
 from fedkd.config import require
+from fedkd.loss_terms import Rehearsal
 from fedkd.mitigations.base import MITIGATIONS, ClientExtras
 from fedkd.mitigations.task_synthesis import synthesise_task
 from fedkd.mitigations.teacher_memory import TeacherMemory, TeacherMemoryParams
@@ -58,7 +59,7 @@ from fedkd.protocol import (
     check_array,
 )
 from fedkd.seeding import derive_seed, numpy_rng, sample_rows
-from fedkd.training import Rehearsal, soft_labels
+from fedkd.training import soft_labels
 
 if TYPE_CHECKING:
     from fedkd.config import FedKDConfig

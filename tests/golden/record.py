@@ -126,18 +126,9 @@ def run_direct(overrides: tuple[str, ...], out: Path) -> None:
         finally:
             torch.set_num_threads(server_threads)
 
-    cfg = state.cfg
-    meta = {  # as fedkd/server.py's, less the nodes
-        "strategy": state.strategy.name,
-        "seed": cfg.seed,
-        "dataset": cfg.dataset.name,
-        "num_clients": cfg.num_clients,
-        "clients_per_round": cfg.clients_per_round,
-        "lifelong": cfg.lifelong.name,
-        "mitigation": state.mitigation.name,
-        "proxy_mode": cfg.lifelong.proxy,
-        "num_tasks": state.data.num_tasks,
-    }
+    from fedkd.server import run_meta
+
+    meta = run_meta(state, [], {})  # its node counts are dropped (SUMMARY_DROPPED)
     recorder = RunRecorder(out, meta, progress=None, plots=False)
     recorder.finish(run_rounds(state, DirectTransport(client), recorder))
 
