@@ -73,6 +73,8 @@ class FedGKDClient(WeightsClient):
         own = teacher.state_dict()
         if set(state) != set(own) or any(state[k].shape != v.shape for k, v in own.items()):
             raise ValueError(f"the server's {GKD_TEACHER!r} is not this client's model")
+        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+            raise ValueError(f"the server's {GKD_TEACHER!r} holds NaN or Inf")
         teacher.load_state_dict(state)
         return [GlobalKD(teacher.to(ctx.device).eval(), self.params.gamma)]
 

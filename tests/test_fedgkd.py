@@ -70,3 +70,17 @@ def test_fedgkd_runs_in_a_real_simulation_with_twice_fedavgs_download(tmp_path):
     assert rows[1]["bytes_down"] == 2 * rows[0]["bytes_down"]  # global model + teacher
     assert rows[-1]["teacher_models"] == 3
     assert rows[-1]["teacher_accuracy"] > rows[0]["teacher_accuracy"]
+
+
+def test_a_client_refuses_a_teacher_with_nan_weights(plain_cfg):
+    plain = plain_cfg("strategy=fedgkd")
+    state = server_state(plain_cfg, "strategy=fedgkd")
+    state.strategy.history = [weights_of(state.strategy.model)]
+    _, downloads = prepare_round(state, 1)
+    pid, content = downloads[0]
+    weights = weights_of(state.strategy.model)
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    content[GKD_TEACHER] = ArrayRecord(weights)
+    with pytest.raises(ValueError, match="'gkd-teacher' holds NaN or Inf"):
+        client_reply(plain, pid, content)
