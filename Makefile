@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup data run test test-slow test-all lint bench bench-scale bench-clients bench-bytes clean
+.PHONY: setup data run test test-slow test-all lint docs docs-serve bench bench-scale bench-clients bench-bytes clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+docs: setup           ## the documentation site into site/ (mkdocs, warnings are errors)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: setup     ## the documentation site at http://127.0.0.1:8000
+	$(BIN)/mkdocs serve
+
 # fedkd-bench workloads behind docs/benchmarks.md (about 40 minutes on 2 cores).
 BENCH_DIR ?= docs/bench
 SCALE     := experiment=bench
@@ -78,4 +84,4 @@ bench-bytes: setup    ## bytes per client per round: each codec, and FedAvg with
 	done
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun .pytest_cache site
