@@ -80,8 +80,10 @@ def test_fashion_mnist_from_debian_package():
 
 
 def test_cifar10_missing_is_a_data_error(tmp_path):
+    from fedkd.data.cifar import load_cifar
+
     with pytest.raises(DataError, match="cifar10"):
-        ds.load_cifar10(root=str(tmp_path), download=False)
+        load_cifar("cifar10", root=str(tmp_path), download=False)
 
 
 def test_synthetic_is_seeded():

@@ -32,16 +32,43 @@ class SyntheticConfig:
 
 @dataclass
 class DatasetConfig:
+    """Which dataset; docs/datasets.md describes every one and its keys."""
+
     name: str = "fashion_mnist"
     root: str | None = None  # searched first; then the system location; then download
     download: bool = True  # torchvision download, only when no local copy exists
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # hf: a Hugging Face dataset name or a save_to_disk directory; folder: the
+    # directory holding train/ and test/
+    path: str | None = None
+    subset: str | None = None  # hf: the dataset's configuration (load_dataset's name)
+    image_key: str = "image"  # hf: the image column
+    label_key: str = "label"  # hf: the label column
+    owner_key: str | None = None  # hf: the column naming each sample's owner (partition=natural)
+    train_split: str = "train"  # hf
+    test_split: str | None = "test"  # hf; null: hold out test_fraction of train_split
+    test_fraction: float = 0.1  # hf, with test_split null
 
     def check(self) -> None:
         from fedkd.data.datasets import list_datasets
 
         require(self.name in list_datasets(), "dataset.name", self.name, one_of(list_datasets()))
         self.synthetic.check()
+        require(
+            0 < self.test_fraction < 1,
+            "dataset.test_fraction",
+            self.test_fraction,
+            "a number between 0 and 1 (exclusive)",
+        )
+        if self.name in ("hf", "folder"):
+            require(
+                bool(self.path),
+                "dataset.path",
+                self.path,
+                "a Hugging Face dataset name or a save_to_disk directory"
+                if self.name == "hf"
+                else "a directory holding train/<class index>/ and test/<class index>/",
+            )
 
     @property
     def num_classes(self) -> int:

@@ -1,8 +1,11 @@
-"""Image datasets as uint8 arrays in memory: Fashion-MNIST, CIFAR-10, synthetic.
+"""Image datasets as uint8 arrays in memory: the registry, Fashion-MNIST, synthetic.
 
 Every loader returns `DatasetSplits` with images shaped (N, C, H, W). Fashion-MNIST
 is read from a configured root, then Debian's `dataset-fashion-mnist` package
 (/usr/share/datasets/fashion-mnist), and only then downloaded with torchvision.
+The other built-in datasets register themselves from their own modules: CIFAR-10/100
+(fedkd.data.cifar), image folders (fedkd.data.image_folder) and any Hugging Face
+dataset through flwr-datasets (fedkd.data.hf); docs/datasets.md describes them all.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ CACHE_DIR = Path(os.environ.get("FEDKD_CACHE", "~/.cache/fedkd/cache")).expandus
 class ArrayDataset:
     x: np.ndarray  # uint8, (N, C, H, W)
     y: np.ndarray  # int64, (N,)
+    # int64 (N,): each sample's owner (writer, user) as an index into
+    # DatasetSplits.owner_names; None where the dataset names no owners
+    owner: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -47,14 +53,30 @@ class DatasetSplits:
     test: ArrayDataset
     num_classes: int
     source: str  # where the data came from, for the log
+    owner_names: tuple[str, ...] = ()  # the values of the owner column, sorted
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
 
 
+# the modules that define (and register) the built-in datasets besides this one's
+_MODULES = ("fedkd.data.cifar", "fedkd.data.image_folder", "fedkd.data.hf")
+
 # dataset.name -> a loader of the `dataset` config section
-DATASETS: Registry[Callable[[dict], DatasetSplits]] = Registry("dataset", "dataset.name")
+DATASETS: Registry[Callable[[dict], DatasetSplits]] = Registry(
+    "dataset", "dataset.name", modules=_MODULES
+)
+# dataset.name -> its number of classes from the typed `dataset` section, found
+# without decoding the images (see num_classes_of)
+CLASS_COUNTS: Registry[Callable[[DatasetConfig], int]] = Registry(
+    "dataset", "dataset.name", modules=_MODULES
+)
+
+
+def class_counter(name: str) -> Callable:
+    """Decorator: register how dataset `name` counts its classes without loading."""
+    return CLASS_COUNTS.register(name)
 
 
 # ---------------------------------------------------------------------- Fashion-MNIST
@@ -190,35 +212,6 @@ def _download_fashion_mnist(root: Path) -> Path | None:
     return _find_idx_dir([root / "FashionMNIST" / "raw"])
 
 
-# --------------------------------------------------------------------------- CIFAR-10
-
-
-def load_cifar10(root: str | None, download: bool, **_: object) -> DatasetSplits:
-    from torchvision.datasets import CIFAR10
-
-    base = Path(root).expanduser() if root else DEFAULT_DOWNLOAD_ROOT
-    try:
-        train = CIFAR10(str(base), train=True, download=download)
-        test = CIFAR10(str(base), train=False, download=False)
-    except Exception as exc:
-        raise DataError(
-            f"dataset.name='cifar10': no usable CIFAR-10 files under {base} ({exc}); "
-            "put cifar-10-batches-py there or set dataset.root"
-        ) from None
-
-    def arrays(ds: CIFAR10) -> ArrayDataset:
-        return ArrayDataset(
-            np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, np.int64)
-        )
-
-    return DatasetSplits("cifar10", arrays(train), arrays(test), 10, str(base))
-
-
-@DATASETS.register("cifar10")
-def _cifar10(cfg: dict) -> DatasetSplits:
-    return load_cifar10(root=cfg.get("root"), download=cfg.get("download", True))
-
-
 # -------------------------------------------------------------------------- synthetic
 
 
@@ -258,9 +251,26 @@ def _synthetic(cfg: dict) -> DatasetSplits:
     return load_synthetic(**cfg["synthetic"])
 
 
+@class_counter("synthetic")
+def _synthetic_classes(dataset: DatasetConfig) -> int:
+    return dataset.synthetic.num_classes
+
+
+@class_counter("fashion_mnist")
+def _ten_classes(dataset: DatasetConfig) -> int:
+    return 10
+
+
 def num_classes_of(dataset: DatasetConfig) -> int:
-    """The number of classes of the `dataset` section, without loading it."""
-    return dataset.synthetic.num_classes if dataset.name == "synthetic" else 10
+    """The number of classes of the `dataset` section, without decoding its images:
+    from the config (synthetic), a constant (Fashion-MNIST, CIFAR), the class
+    directories (folder) or the label feature or column (hf: see fedkd.data.hf).
+    A plugin dataset that registers no counter is loaded to find out."""
+    if dataset.name in CLASS_COUNTS:
+        return CLASS_COUNTS.get(dataset.name)(dataset)
+    from dataclasses import asdict
+
+    return load_dataset(asdict(dataset)).num_classes
 
 
 def list_datasets() -> list[str]:

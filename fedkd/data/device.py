@@ -19,10 +19,10 @@ import numpy as np
 from fedkd.atomic import write_atomic
 from fedkd.data.datasets import ArrayDataset, DatasetSplits
 from fedkd.data.federated import FederatedData, digest_images, federated_data
+from fedkd.data.image_folder import read_image_folder
 from fedkd.data.tasks import build_stream
 from fedkd.errors import ConfigError, DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 BUNDLE_KEYS = ("proxy_x", "test_x", "test_y", "mean", "std", "num_classes", "digest")
 
 
@@ -142,29 +142,6 @@ def _read_npz(p: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndar
     return _channels_first(x, shape, str(p)), y.astype(np.int64)
 
 
-def _read_image_dir(p: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
-    c, h, w = shape
-    images, labels = [], []
-    for sub in sorted(d for d in p.iterdir() if d.is_dir()):
-        if not sub.name.isdigit():
-            raise DataError(f"{sub}: class directories are named by class index (0, 1, ...)")
-        for f in sorted(sub.iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(f) as img:
-                    img = img.convert("L" if c == 1 else "RGB").resize((w, h))
-                    images.append(np.asarray(img, np.uint8).reshape(h, w, c))
-            except (OSError, UnidentifiedImageError) as exc:
-                raise DataError(f"cannot read the image {f}: {exc}") from None
-            labels.append(int(sub.name))
-    if not images:
-        raise DataError(f"{p}: no images found in class sub-directories (0/, 1/, ...)")
-    return np.stack(images).transpose(0, 3, 1, 2).copy(), np.array(labels, np.int64)
-
-
 def load_device_data(
     path: str | Path, shape: tuple[int, int, int], num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +149,7 @@ def load_device_data(
     images are converted to the federation's channels and resized to its size."""
     p = Path(path).expanduser()
     if p.is_dir():
-        x, y = _read_image_dir(p, shape)
+        x, y = read_image_folder(p, shape)
     elif p.is_file():
         x, y = _read_npz(p, shape)
     else:

@@ -1,7 +1,9 @@
 """Seeded non-IID partitioning with flwr-datasets' partitioners on in-memory labels.
 
 Only the labels go into a `datasets.Dataset`, together with each sample's index, so
-the partitioners return index lists into the caller's arrays.
+the partitioners return index lists into the caller's arrays. `natural` splits by an
+owner column instead (flwr-datasets' NaturalIdPartitioner): the caller passes each
+sample's client id (fedkd.data.shards maps owners to clients).
 """
 
 from __future__ import annotations
@@ -93,26 +95,66 @@ def shards(cfg: dict, num_clients: int, seed: int, num_samples: int) -> Partitio
     )
 
 
-def partition_labels(
-    labels: np.ndarray, cfg: dict, num_clients: int, seed: int, task: int = 0
-) -> list[np.ndarray]:
-    """Split sample indices 0..len(labels)-1 over `num_clients` clients.
+@PARTITIONERS.register("natural")
+def natural(cfg: dict, num_clients: int, seed: int, num_samples: int) -> Partitioner:
+    """One partition per distinct value of the `owner` column (a client id here)."""
+    from flwr_datasets.partitioner import NaturalIdPartitioner
 
-    `cfg` is the `partition` config section. The result is a pure function of
-    (labels, cfg, num_clients, seed, task). IID shuffles first, because
-    flwr-datasets' IidPartitioner deals out contiguous blocks.
-    """
-    keys = (seed,) if task == 0 else (seed, task)
+    return NaturalIdPartitioner(partition_by="owner")
+
+
+def natural_shards(owners: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    """Indices of each client's samples, where `owners` holds each sample's client id
+    (0..num_clients-1): NaturalIdPartitioner's partitions (one per id present, in
+    sorted order) mapped back to the ids. A client with no sample gets none."""
+    import datasets
+
+    table = datasets.Dataset.from_dict({"owner": owners, "idx": np.arange(len(owners))})
+    part = natural({}, num_clients, 0, len(owners))
+    part.dataset = table
+    shards = [np.zeros(0, np.int64) for _ in range(num_clients)]
+    for pid in range(part.num_partitions):
+        rows = part.load_partition(pid).with_format("numpy")["idx"][:]
+        shards[int(part.partition_id_to_natural_id[pid])] = np.sort(np.asarray(rows, np.int64))
+    return shards
+
+
+def _quiet() -> None:
     import datasets
 
     datasets.disable_progress_bars()
     logging.getLogger("datasets").setLevel(logging.ERROR)
+
+
+def partition_labels(
+    labels: np.ndarray,
+    cfg: dict,
+    num_clients: int,
+    seed: int,
+    task: int = 0,
+    owners: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Split sample indices 0..len(labels)-1 over `num_clients` clients.
+
+    `cfg` is the `partition` config section. The result is a pure function of
+    (labels, cfg, num_clients, seed, task, owners). IID shuffles first, because
+    flwr-datasets' IidPartitioner deals out contiguous blocks. `natural` needs
+    `owners`: each sample's client id.
+    """
+    keys = (seed,) if task == 0 else (seed, task)
+    import datasets
+
+    _quiet()
     where = f" of task {task}" if task else ""
     if len(labels) < num_clients:
         raise DataError(
             f"num_clients={num_clients} is more than the {len(labels)} private samples{where}; "
             "lower num_clients or proxy.size"
         )
+    if cfg["name"] == "natural":
+        if owners is None or len(owners) != len(labels):
+            raise DataError("partition.name='natural' needs every sample's owner (owner_key)")
+        return _no_empty(natural_shards(owners, num_clients), cfg, where)
     order = np.arange(len(labels))
     if cfg["name"] == "iid":
         order = numpy_rng(*keys, "iid-shuffle").permutation(len(labels))
@@ -132,6 +174,10 @@ def partition_labels(
             f"partition.name={cfg['name']!r} cannot split the {len(labels)} samples{where} over "
             f"{num_clients} clients: {exc}"
         ) from None
+    return _no_empty(shards, cfg, where)
+
+
+def _no_empty(shards: list[np.ndarray], cfg: dict, where: str) -> list[np.ndarray]:
     empty = [i for i, s in enumerate(shards) if len(s) == 0]
     if empty:
         raise DataError(

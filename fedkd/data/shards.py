@@ -16,6 +16,7 @@ from fedkd.atomic import write_atomic
 from fedkd.data.datasets import CACHE_DIR, DatasetSplits
 from fedkd.data.partition import partition_labels
 from fedkd.data.tasks import TaskStream
+from fedkd.errors import ConfigError, DataError
 from fedkd.seeding import numpy_rng
 
 # (proxy_index, private_index, task_shards): rows of the training split, rows of the
@@ -46,12 +47,63 @@ def cut_training_split(cfg: dict, splits: DatasetSplits, stream: TaskStream) -> 
     proxy_index = np.sort(order[:proxy_size])
     private_index = np.sort(order[proxy_size:])
     labels = splits.train.y[private_index]
+    owners = owner_clients(cfg, splits, private_index)
     task_shards = []
     for task, pool in enumerate(_task_pools(stream, labels, seed)):
-        parts = partition_labels(labels[pool], cfg["partition"], num_clients, seed, task=task)
+        own = None if owners is None else _owners_in_task(owners[0], owners[1], pool, task)
+        parts = partition_labels(
+            labels[pool], cfg["partition"], num_clients, seed, task=task, owners=own
+        )
         task_shards.append([pool[p] for p in parts])
     save_split(cfg, splits, proxy_index, private_index, task_shards)
     return proxy_index, private_index, task_shards
+
+
+def owner_clients(
+    cfg: dict, splits: DatasetSplits, private_index: np.ndarray
+) -> tuple[np.ndarray, list[str]] | None:
+    """partition=natural: each private sample's client id, and each client's owner.
+
+    One client per owner that keeps private samples after the proxy cut, in sorted
+    order of the owner values; num_clients must be their number. An owner whose
+    samples all went to the proxy set is no client (its samples are public)."""
+    if cfg["partition"]["name"] != "natural":
+        return None
+    key = cfg["dataset"].get("owner_key")
+    if splits.train.owner is None:
+        raise ConfigError(
+            "partition.name",
+            "natural",
+            f"a dataset with an owner column (dataset=hf with dataset.owner_key set); "
+            f"dataset {splits.name!r} names no owners",
+        )
+    codes = splits.train.owner[private_index]
+    present = np.unique(codes)
+    num_clients = int(cfg["num_clients"])
+    if len(present) != num_clients:
+        total = len(splits.owner_names)
+        raise ConfigError(
+            "num_clients",
+            num_clients,
+            f"{len(present)}: partition=natural gives one client per owner "
+            f"(dataset.owner_key={key!r}), and the private data holds {len(present)} of the "
+            f"{total} owners ({total - len(present)} gave all their samples to the proxy set)",
+        )
+    return np.searchsorted(present, codes), [splits.owner_names[c] for c in present]
+
+
+def _owners_in_task(clients: np.ndarray, names: list[str], pool: np.ndarray, task: int):
+    """The client ids of a task's pool; every client must have samples in it."""
+    own = clients[pool]
+    missing = np.setdiff1d(np.arange(len(names)), own)
+    if len(missing):
+        shown = ", ".join(repr(names[c]) for c in missing[:5])
+        raise DataError(
+            f"partition.name='natural': {len(missing)} of the {len(names)} owners have no "
+            f"private samples in task {task} ({shown}{', ...' if len(missing) > 5 else ''}); "
+            "every client needs data in every task: use fewer tasks or another partition"
+        )
+    return own
 
 
 # Bump when the way splits are computed changes: cached splits are keyed by it.
@@ -65,11 +117,21 @@ SPLIT_LIFELONG_KEYS = ("name", "num_tasks", "rounds_per_task", "task_classes", "
 def split_path(cfg: dict, splits: DatasetSplits) -> Path:
     keys = ("dataset", "partition", "proxy", "num_clients", "seed", "rounds", "lifelong")
     what = {k: cfg.get(k) for k in keys} | {"version": SPLIT_VERSION, "source": splits.source}
+    what["data"] = _data_digest(splits)  # files changed under the same path: a new cut
     what["proxy"] = {"size": cfg["proxy"]["size"]}  # subset_size does not change the split
     lifelong = cfg.get("lifelong") or {}
     what["lifelong"] = {k: lifelong[k] for k in SPLIT_LIFELONG_KEYS if k in lifelong}
     digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return CACHE_DIR / "splits" / f"{splits.name}-{digest}.npz"
+
+
+def _data_digest(splits: DatasetSplits) -> str:
+    """Cheap: the labels, owners and image shape of the training split."""
+    h = hashlib.sha1(str(splits.train.x.shape).encode())
+    h.update(np.ascontiguousarray(splits.train.y).tobytes())
+    if splits.train.owner is not None:
+        h.update(np.ascontiguousarray(splits.train.owner).tobytes())
+    return h.hexdigest()[:16]
 
 
 def save_split(cfg, splits, proxy_index, private_index, task_shards) -> None:
