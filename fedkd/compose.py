@@ -32,11 +32,12 @@ def validate(cfg: DictConfig | dict[str, Any]) -> FedKDConfig:
 
     In order: a strategy and a mitigation are chosen; the `plugins` are imported (they
     may register datasets, models and partitioners the sections name); every section's
-    own check; the mitigation built with its Params and checked against the config;
-    the strategy checked against the config and the mitigation, then built with its
-    Params."""
+    own check; the libraries of the configured trackers (`logger`) are installed; the
+    mitigation built with its Params and checked against the config; the strategy
+    checked against the config and the mitigation, then built with its Params."""
     from fedkd.mitigations import build_mitigation
     from fedkd.registry import import_plugins
+    from fedkd.results.trackers import check_installed
     from strategies import STRATEGIES, build_strategy
 
     for key in ("strategy", "mitigation"):
@@ -47,6 +48,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> FedKDConfig:
     settings = typed(cfg)
     import_plugins(settings.plugins)
     settings.check()
+    check_installed(settings.logger)  # a tracker's library: named before any work
     strategy_cls = STRATEGIES.get(settings.strategy["name"])
     mitigation = build_mitigation(settings)  # checks the mitigation's own Params
     mitigation.check_config(settings)
@@ -61,7 +63,8 @@ def describe_hydra_error(exc: BaseException) -> str:
     from omegaconf.errors import OmegaConfBaseException
 
     text = str(exc)
-    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    # "find": `group=NAME`; "load": NAME in a list, `group=[a,NAME]`
+    missing = re.search(r"Could not (?:find|load) '([^/']+)/([^']+)'", text)
     if missing:
         group, value = missing.groups()
         options = group_options(group)

@@ -197,7 +197,12 @@ def run_server(
         state.load_state_dict(ckpt)
         log.info("resuming %s after round %d", out, ckpt["round"])
     recorder = RunRecorder(
-        out, meta, progress=progress, plots=state.cfg.output.plots, resume_round=state.round
+        out,
+        meta,
+        progress=progress,
+        plots=state.cfg.output.plots,
+        resume_round=state.round,
+        config=plain,  # its `logger` section: the experiment trackers
     )
     if progress is not None:
         for row in recorder.rows:

@@ -4,7 +4,8 @@
     fedkd-sim strategy=fedmd rounds=5           # any override
     fedkd-sim -m strategy=dsfl,fedavg seed=0,1  # a sweep (Hydra multirun)
 
-Results land in Hydra's run directory: config.yaml, metrics.jsonl, summary.json, plots/.
+Results land in Hydra's run directory: config.yaml, metrics.jsonl, summary.json, plots/
+(and what the trackers of `logger=...` write: docs/tracking.md).
 A directory that already holds a run is refused (exit 2) unless output.overwrite=true;
 `fedkd-resume DIR` continues a run instead.
 """
@@ -72,6 +73,24 @@ def _refuse_existing_run(argv: list[str]) -> None:
     refuse_existing_run(run_dir, overwrite)
 
 
+def _sweep_trackers(cfg: DictConfig) -> None:
+    """A multirun's jobs share one MLflow store, in the sweep directory, and each
+    job's tracker run is named after its subdir (docs/tracking.md). Both land in the
+    job's config.yaml, so fedkd-resume finds them again."""
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    logger = cfg.logger
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    if logger.mlflow.enabled and logger.mlflow.tracking_uri is None:
+        logger.mlflow.tracking_uri = (
+            f"sqlite:///{Path(hydra_cfg.sweep.dir).resolve() / 'mlflow.db'}"
+        )
+    if logger.run_name is None and (logger.mlflow.enabled or logger.tensorboard.enabled):
+        logger.run_name = str(hydra_cfg.sweep.subdir)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from fedkd.simulation import run_experiment
@@ -79,6 +98,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     before = _held(run_dir)
     try:
+        _sweep_trackers(cfg)
         summary = run_experiment(cfg, run_dir)
     except FedKDError as exc:
         # Exit here: Hydra would print its own "Error executing job" line first.

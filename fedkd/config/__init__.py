@@ -31,7 +31,13 @@ from fedkd.config.data import (
     SyntheticConfig,
 )
 from fedkd.config.learning import DistillConfig, ModelConfig, TrainConfig
-from fedkd.config.runtime import FaultsConfig, OutputConfig, PrivacyConfig, SimulationConfig
+from fedkd.config.runtime import (
+    FaultsConfig,
+    LoggerConfig,
+    OutputConfig,
+    PrivacyConfig,
+    SimulationConfig,
+)
 from fedkd.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
@@ -59,6 +65,7 @@ class FedKDConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # conf/logger/: trackers
 
     def check(self) -> None:
         require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
@@ -78,6 +85,7 @@ class FedKDConfig:
         self.simulation.check()
         self.faults.check(self)
         self.privacy.check()
+        self.logger.check()
 
 
 ConfigStore.instance().store(name="fedkd_schema", node=FedKDConfig)
@@ -120,6 +128,7 @@ __all__ = [
     "FaultsConfig",
     "FedKDConfig",
     "LifelongConfig",
+    "LoggerConfig",
     "ModelConfig",
     "OutputConfig",
     "PartitionConfig",

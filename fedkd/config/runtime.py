@@ -1,7 +1,9 @@
-"""Config sections of the run: simulation resources, injected faults, privacy, output."""
+"""Config sections of the run: simulation resources, injected faults, privacy, output,
+experiment trackers."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -169,3 +171,72 @@ class OutputConfig:
     progress: bool = True
     checkpoint: bool = True
     overwrite: bool = False  # fedkd-sim into a directory holding a run: replace it
+
+
+@dataclass
+class TensorBoardLogger:
+    enabled: bool = False
+    log_dir: str | None = None  # null: <run dir>/tensorboard; else <log_dir>/<run name>
+
+
+@dataclass
+class MLflowLogger:
+    enabled: bool = False
+    # null: sqlite:///<sweep dir>/mlflow.db for a multirun's jobs, else in the run
+    # directory's parent (every run beside it shares it)
+    tracking_uri: str | None = None
+    experiment: str = "fedkd"  # one experiment for all jobs of a sweep
+
+
+@dataclass
+class CsvLogger:
+    enabled: bool = False
+    filename: str = "metrics.csv"  # in the run directory, one row per round
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment trackers (fedkd/results/trackers/); conf/logger/ enables them,
+    several at once with `logger=[tensorboard,mlflow]`."""
+
+    tensorboard: TensorBoardLogger = field(default_factory=TensorBoardLogger)
+    mlflow: MLflowLogger = field(default_factory=MLflowLogger)
+    csv: CsvLogger = field(default_factory=CsvLogger)
+    run_name: str | None = None  # null: the run directory's name (a sweep's job: its subdir)
+
+    def enabled(self) -> list[str]:
+        """The trackers this run feeds, by name."""
+        return [n for n in TRACKER_NAMES if getattr(self, n).enabled]
+
+    def check(self) -> None:
+        uri = self.mlflow.tracking_uri
+        require(
+            uri is None or _URI.match(uri) is not None,
+            "logger.mlflow.tracking_uri",
+            uri,
+            "null (sqlite:///<sweep or run dir's parent>/mlflow.db) or a URI such as "
+            "sqlite:////abs/path/mlflow.db or http://host:5000",
+        )
+        name = self.mlflow.experiment
+        require(bool(name.strip()), "logger.mlflow.experiment", name, "a non-empty name")
+        plain = self.csv.filename
+        require(
+            bool(plain)
+            and "/" not in plain
+            and plain not in (".", "..")
+            and plain.endswith(".csv"),
+            "logger.csv.filename",
+            plain,
+            "a file name ending in .csv (it is written in the run directory)",
+        )
+        for key, value in (
+            ("run_name", self.run_name),
+            ("tensorboard.log_dir", self.tensorboard.log_dir),
+        ):
+            require(
+                value is None or bool(value.strip()), f"logger.{key}", value, "null or non-empty"
+            )
+
+
+TRACKER_NAMES = ("tensorboard", "mlflow", "csv")
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")

@@ -1,8 +1,11 @@
 """The one place results are written: one JSON line per round, a summary, plots.
 
-Loggers fan out from here (file, progress display, plots). `summary.json` is written
-last and atomically, so a run directory with a summary is a finished run. No write
-follows a link planted in the run directory (fedkd/atomic.py).
+Loggers fan out from here (file, progress display, plots, and the experiment
+trackers the config's `logger` enables: fedkd/results/trackers/). `summary.json` is
+written last and atomically, so a run directory with a summary is a finished run;
+trackers read what was written and never change it (one that fails is reported in
+the log and in summary.json's `tracker_errors`). No write follows a link planted in
+the run directory (fedkd/atomic.py).
 """
 
 from __future__ import annotations
@@ -100,9 +103,11 @@ class RunRecorder:
         progress: Any = None,
         plots: bool = True,
         resume_round: int = 0,
+        config: dict[str, Any] | None = None,
     ):
         """A new metrics.jsonl, or, with `resume_round`, the existing one cut back to
-        the rows of rounds 1..resume_round (what the checkpoint knows)."""
+        the rows of rounds 1..resume_round (what the checkpoint knows). `config`, the
+        run's resolved config, starts the trackers its `logger` section enables."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.meta = meta
@@ -119,6 +124,13 @@ class RunRecorder:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
         write_text_atomic(self.path, text)
         self.elapsed = self.rows[-1]["elapsed_seconds"] if self.rows else 0.0
+        from fedkd.results.trackers.fanout import TrackerSet, start_trackers
+
+        self.trackers = (
+            start_trackers(config, self.out_dir, resume_round, self.rows)
+            if config
+            else TrackerSet({})
+        )
 
     def log_round(self, row: dict[str, Any]) -> None:
         full = {k: None for k in REQUIRED_FIELDS} | {k: _clean(v) for k, v in row.items()}
@@ -130,6 +142,7 @@ class RunRecorder:
             f.flush()
         if self.progress is not None:
             self.progress.round(full)
+        self.trackers.log_round(full)
 
     def summary(self) -> dict[str, Any]:
         last = self.rows[-1] if self.rows else {}
@@ -144,6 +157,8 @@ class RunRecorder:
             out[key] = sum((r.get(key) or 0) for r in self.rows)
         out["bytes_up_per_round"] = out["bytes_up"] / max(1, len(self.rows))
         out["bytes_down_per_round"] = out["bytes_down"] / max(1, len(self.rows))
+        if self.trackers.errors:
+            out["tracker_errors"] = dict(self.trackers.errors)
         return out
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -169,6 +184,12 @@ class RunRecorder:
                         f"{name}: {who}, accuracy per task",
                     )
         write_json_atomic(self.out_dir / "summary.json", summary)
+        if self.trackers.live:  # after the run's own files: trackers read them
+            before = dict(self.trackers.errors)
+            self.trackers.finish(self.out_dir)
+            if self.trackers.errors != before:
+                summary["tracker_errors"] = dict(self.trackers.errors)
+                write_json_atomic(self.out_dir / "summary.json", summary)
         if self.progress is not None:
             self.progress.done(summary)
         return summary
