@@ -1,5 +1,5 @@
 """Run BlazeFL's own DS-FL example (v1.1.0) on Fashion-MNIST, for the side-by-side
-table in the README ("DS-FL against the reference").
+table in docs/strategies.md ("DS-FL against the reference").
 
 The reference's server, clients, distillation, ERA and Dirichlet split are imported
 from its example unchanged; this file only swaps its CIFAR-10/100 data for the

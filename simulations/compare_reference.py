@@ -1,4 +1,4 @@
-"""The README's "DS-FL against the reference" table: server-model accuracy per round,
+"""The "DS-FL against the reference" table (docs/strategies.md): server-model accuracy per round,
 mean +- std over seeds, for BlazeFL runs (JSON from simulations/blazefl_reference.py)
 beside fedkd runs (run directories of `fedkd-sim experiment=blazefl_dsfl`).
 

@@ -9,7 +9,7 @@
     fedkd-deploy sign APP --key KEY --out DIR   # the FAB `flwr run APP` builds, and its signature
     fedkd-deploy hub DIR [--port P]             # serves DIR's signed FABs to a SuperLink
 
-README.md ("Deploy on devices") shows the whole sequence: these files, then
+docs/deployment.md ("Deploy on devices") shows the whole sequence: these files, then
 `flower-superlink`, `flwr supernode register`, `flower-supernode` and `flwr run`.
 Every file is written atomically; an existing file is never overwritten.
 simulations/code_trust.py implements sign-key, sign and hub; docs/code_trust.md

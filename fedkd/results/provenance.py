@@ -1,9 +1,10 @@
 """Where a result came from: the code's commit and the machine's CPU.
 
 Results are bitwise reproducible on one machine, but another CPU (or torch's
-kernels for it) moves them in the 8th digit, which compounds over rounds (README,
-"Determinism"); a table of numbers therefore names both. `summary.json` carries
-`provenance()`; `fedkd-report` and `fedkd-bench` print it beside their tables.
+kernels for it) moves them in the 8th digit, which compounds over rounds
+(docs/getting-started.md, "Determinism"); a table of numbers therefore names both.
+`summary.json` carries `provenance()`; `fedkd-report` and `fedkd-bench` print it
+beside their tables.
 """
 
 from __future__ import annotations
