@@ -9,6 +9,7 @@ cannot drift from the code.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 MARKER = "<!-- config-reference -->"
@@ -20,6 +21,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         return markdown
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # the repository's own fedkd, strategies, simulations
-    from simulations.config_reference import render
+    with warnings.catch_warnings():  # third-party deprecations on import (Flower's CLI)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from simulations.config_reference import render
 
-    return markdown.replace(MARKER, render())
+        return markdown.replace(MARKER, render())
