@@ -28,6 +28,7 @@ VARYING = (
     "simulation.execution",
     "simulation.cohort_nodes",
     "output",
+    "logger",  # experiment trackers (where a copy of the metrics goes): never a result
 )
 # Of those, what never names a row: the seed, and what follows from the strategy name.
 NOT_LABELS = (
@@ -41,6 +42,7 @@ NOT_LABELS = (
     "strategy._target_",
     "mitigation.name",  # already in the row's name
     "output",  # plots, progress display, checkpoints: never a result
+    "logger",
 )
 
 
