@@ -207,3 +207,14 @@ def test_mixed_image_shapes_name_the_first_mismatch(tmp_path):
     DatasetDict({"train": part, "test": part}).save_to_disk(str(tmp_path / "mixed"))
     with pytest.raises(DataError, match=r"train row 2 is RGB 8x8 but .* train row 0 is grey 8x8"):
         load_dataset(hf_cfg(tmp_path / "mixed", owner_key=None))
+
+
+def test_flower_datasets_telemetry_is_off_unless_asked_for(tmp_path, monkeypatch):
+    """FederatedDataset would post the dataset's name (here a local path) from every
+    process; fedkd turns that off unless FLWR_TELEMETRY_ENABLED is set."""
+    from flwr_datasets.common import telemetry
+
+    monkeypatch.delenv("FLWR_TELEMETRY_ENABLED", raising=False)
+    monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "1")
+    load_dataset(hf_cfg(files.write_hf(tmp_path / "data", n_train=30, n_test=10, fmt="parquet")))
+    assert telemetry.FLWR_TELEMETRY_ENABLED == "0"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,12 @@ def _from_disk(local: Path, wanted: dict[str, str]) -> dict[str, Any]:
 
 def _from_hub(path: str, subset: str | None, wanted: dict[str, str]) -> dict[str, Any]:
     from flwr_datasets import FederatedDataset
+    from flwr_datasets.common import telemetry
+
+    if "FLWR_TELEMETRY_ENABLED" not in os.environ:
+        # FederatedDataset posts a usage event naming the dataset (a local path too)
+        # from every process that loads it; fedkd opts out unless the variable is set
+        telemetry.FLWR_TELEMETRY_ENABLED = "0"
 
     fds = FederatedDataset(dataset=path, subset=subset, partitioners={}, shuffle=False)
     out = {}
@@ -180,9 +187,26 @@ def labels_of(train: Any, test: Any, key: str, source: str) -> tuple[np.ndarray,
 
 
 def _decode_all(ds: Any, key: str, what: str) -> np.ndarray:
+    """Image features decode to PIL images (their mode says grey or colour); any other
+    column (arrays of pixels) is read as numpy arrays of its own dtype."""
+    from datasets import Image
+
+    column = ds.select_columns([key])
+    feature = ds.features[key]
+    if not isinstance(feature, Image):
+        while not hasattr(feature, "dtype") and hasattr(feature, "feature"):
+            feature = feature.feature  # List / Sequence of pixel values
+        dtype = getattr(feature, "dtype", type(feature).__name__)
+        if dtype != "uint8":
+            raise DataError(
+                f"{what}: dataset.image_key={key!r} is a column of {dtype}; images are an "
+                "Image feature or uint8 arrays (H, W), (H, W, C) or (C, H, W)"
+            )
+        column = column.with_format("numpy", dtype=np.uint8)  # else numpy widens to int64
+
     def images():
         row = 0
-        for batch in ds.select_columns([key]).iter(batch_size=BATCH):
+        for batch in column.iter(batch_size=BATCH):
             for image in batch[key]:
                 where = f"{what} row {row}"
                 if image is None:
@@ -198,7 +222,7 @@ def decoded(ds: Any, key: str, what: str) -> np.ndarray:
     fingerprint = getattr(ds, "_fingerprint", None)
     if not fingerprint:
         return _decode_all(ds, key, what)
-    name = hashlib.sha1(f"{fingerprint}:{key}:{len(ds)}".encode()).hexdigest()[:20]
+    name = hashlib.sha1(f"{what}:{fingerprint}:{key}:{len(ds)}".encode()).hexdigest()[:20]
     path = CACHE_DIR / "hf" / f"{name}.npy"
     if path.exists():
         with contextlib.suppress(OSError, ValueError):
