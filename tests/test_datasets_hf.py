@@ -218,3 +218,17 @@ def test_flower_datasets_telemetry_is_off_unless_asked_for(tmp_path, monkeypatch
     monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "1")
     load_dataset(hf_cfg(files.write_hf(tmp_path / "data", n_train=30, n_test=10, fmt="parquet")))
     assert telemetry.FLWR_TELEMETRY_ENABLED == "0"
+
+
+def test_an_owner_whose_samples_all_went_to_the_proxy_set_is_no_client(tmp_path):
+    from fedkd.data.shards import owner_clients
+
+    root = files.write_hf(tmp_path / "data", n_train=60, n_test=10)
+    splits = load_dataset(hf_cfg(root))
+    private = np.flatnonzero(splits.train.owner != 5)  # as if w5's samples were all public
+    cfg = fed_cfg(hf_cfg(root), num_clients=5)
+    clients, names = owner_clients(cfg, splits, private)
+    assert names == ["w0", "w1", "w2", "w3", "w4"] and set(clients) == set(range(5))
+    needle = r"num_clients=6 is not allowed: 5: .*\(1 gave all their samples to the proxy set\)"
+    with pytest.raises(ConfigError, match=needle):
+        owner_clients(fed_cfg(hf_cfg(root)), splits, private)
