@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -38,18 +37,12 @@ import numpy as np
 from fedkd.atomic import write_atomic
 from fedkd.data.datasets import CACHE_DIR, DATASETS, ArrayDataset, DatasetSplits, class_counter
 from fedkd.data.images import class_ids, decode_image, stack_images
+from fedkd.data.partition import quiet_datasets
 from fedkd.errors import DataError
 from fedkd.seeding import numpy_rng
 
 SAVE_TO_DISK_MARKERS = ("dataset_dict.json", "state.json")
 BATCH = 1000
-
-
-def _quiet() -> None:
-    import datasets
-
-    datasets.disable_progress_bars()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
 
 
 def _from_disk(local: Path, wanted: dict[str, str]) -> dict[str, Any]:
@@ -98,7 +91,7 @@ def _from_hub(path: str, subset: str | None, wanted: dict[str, str]) -> dict[str
 def _load(path: str, subset: str | None, wanted: dict[str, str]) -> tuple[dict[str, Any], str]:
     """{config key (train_split, test_split): datasets.Dataset}, each non-empty, and
     where they came from."""
-    _quiet()
+    quiet_datasets()
     local = Path(path).expanduser()
     if local.is_dir() and any((local / m).is_file() for m in SAVE_TO_DISK_MARKERS):
         found, source = _from_disk(local, wanted), str(local)

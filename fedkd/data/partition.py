@@ -119,7 +119,8 @@ def natural_shards(owners: np.ndarray, num_clients: int) -> list[np.ndarray]:
     return shards
 
 
-def _quiet() -> None:
+def quiet_datasets() -> None:
+    """No progress bars or info logs from `datasets` (the run's display is fedkd's)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -144,7 +145,7 @@ def partition_labels(
     keys = (seed,) if task == 0 else (seed, task)
     import datasets
 
-    _quiet()
+    quiet_datasets()
     where = f" of task {task}" if task else ""
     if len(labels) < num_clients:
         raise DataError(
