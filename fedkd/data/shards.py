@@ -85,9 +85,9 @@ def owner_clients(
         raise ConfigError(
             "num_clients",
             num_clients,
-            f"{len(present)}: partition=natural gives one client per owner "
-            f"(dataset.owner_key={key!r}), and the private data holds {len(present)} of the "
-            f"{total} owners ({total - len(present)} gave all their samples to the proxy set)",
+            f"{len(present)} (partition=natural gives one client per owner of "
+            f"dataset.owner_key={key!r}; the private data holds {len(present)} of the {total} "
+            f"owners, {total - len(present)} gave all their samples to the proxy set)",
         )
     return np.searchsorted(present, codes), [splits.owner_names[c] for c in present]
 
