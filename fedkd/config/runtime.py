@@ -175,23 +175,48 @@ class OutputConfig:
 
 @dataclass
 class TensorBoardLogger:
-    enabled: bool = False
-    log_dir: str | None = None  # null: <run dir>/tensorboard; else <log_dir>/<run name>
+    enabled: bool = False  # logger=tensorboard sets it
+    log_dir: str | None = None  # null: the run directory's tensorboard/; else LOG_DIR/RUN_NAME
+
+    def check(self) -> None:
+        where = self.log_dir
+        require(where is None or bool(where.strip()), "logger.tensorboard.log_dir", where, _NAME)
 
 
 @dataclass
 class MLflowLogger:
-    enabled: bool = False
-    # null: sqlite:///<sweep dir>/mlflow.db for a multirun's jobs, else in the run
-    # directory's parent (every run beside it shares it)
+    enabled: bool = False  # logger=mlflow sets it
+    # null: sqlite:///SWEEP_DIR/mlflow.db for a multirun's jobs, else mlflow.db in the
+    # run directory's parent (every run beside it shares it)
     tracking_uri: str | None = None
     experiment: str = "fedkd"  # one experiment for all jobs of a sweep
+
+    def check(self) -> None:
+        uri = self.tracking_uri
+        require(
+            uri is None or _URI.fullmatch(uri) is not None,
+            "logger.mlflow.tracking_uri",
+            uri,
+            "null (a sqlite store beside the run) or a URI such as "
+            "sqlite:////abs/path/mlflow.db or http://host:5000",
+        )
+        name = self.experiment
+        require(bool(name.strip()), "logger.mlflow.experiment", name, "a non-empty name")
 
 
 @dataclass
 class CsvLogger:
-    enabled: bool = False
+    enabled: bool = False  # logger=csv sets it
     filename: str = "metrics.csv"  # in the run directory, one row per round
+
+    def check(self) -> None:
+        name = self.filename
+        require(
+            _FILE.fullmatch(name) is not None,
+            "logger.csv.filename",
+            name,
+            "a file name ending in .csv (it is written in the run directory)",
+        )
 
 
 @dataclass
@@ -209,34 +234,13 @@ class LoggerConfig:
         return [n for n in TRACKER_NAMES if getattr(self, n).enabled]
 
     def check(self) -> None:
-        uri = self.mlflow.tracking_uri
-        require(
-            uri is None or _URI.match(uri) is not None,
-            "logger.mlflow.tracking_uri",
-            uri,
-            "null (sqlite:///<sweep or run dir's parent>/mlflow.db) or a URI such as "
-            "sqlite:////abs/path/mlflow.db or http://host:5000",
-        )
-        name = self.mlflow.experiment
-        require(bool(name.strip()), "logger.mlflow.experiment", name, "a non-empty name")
-        plain = self.csv.filename
-        require(
-            bool(plain)
-            and "/" not in plain
-            and plain not in (".", "..")
-            and plain.endswith(".csv"),
-            "logger.csv.filename",
-            plain,
-            "a file name ending in .csv (it is written in the run directory)",
-        )
-        for key, value in (
-            ("run_name", self.run_name),
-            ("tensorboard.log_dir", self.tensorboard.log_dir),
-        ):
-            require(
-                value is None or bool(value.strip()), f"logger.{key}", value, "null or non-empty"
-            )
+        for section in (self.tensorboard, self.mlflow, self.csv):
+            section.check()
+        name = self.run_name
+        require(name is None or bool(name.strip()), "logger.run_name", name, _NAME)
 
 
 TRACKER_NAMES = ("tensorboard", "mlflow", "csv")
-_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
+_FILE = re.compile(r"[A-Za-z0-9_.-]*[A-Za-z0-9_-]\.csv")
+_NAME = "null or a non-empty name"
