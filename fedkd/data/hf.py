@@ -127,20 +127,32 @@ def open_splits(
     return train_ds.select(kept), train_ds.select(held), f"{source}, {n_test} held out as test"
 
 
+KEYS = ("path", "subset", "image_key", "label_key", "owner_key", "train_split", "test_split")
+
+
+def settings(cfg: dict) -> dict:
+    """The hf keys of the `dataset` section, with the schema's defaults where absent."""
+    from dataclasses import fields
+
+    from fedkd.config.data import DatasetConfig
+
+    wanted = (*KEYS, "test_fraction")
+    return {f.name: cfg.get(f.name, f.default) for f in fields(DatasetConfig) if f.name in wanted}
+
+
 def _open(cfg: dict) -> tuple[Any, Any, str]:
-    path = cfg.get("path")
-    if not path:
+    if not cfg["path"]:
         raise DataError(
             "dataset=hf needs dataset.path: a Hugging Face dataset name or a directory "
             "written by save_to_disk"
         )
-    test = cfg.get("test_split")
+    test = cfg["test_split"]
     return open_splits(
-        str(path),
-        cfg.get("subset"),
-        cfg.get("train_split") or "train",
+        str(cfg["path"]),
+        cfg["subset"],
+        cfg["train_split"],
         None if test in (None, "") else str(test),
-        float(cfg.get("test_fraction", 0.1)),
+        float(cfg["test_fraction"]),
     )
 
 
@@ -235,13 +247,14 @@ def _owners(train: Any, key: str | None) -> tuple[np.ndarray | None, tuple[str, 
     return codes.astype(np.int64).reshape(-1), tuple(str(n) for n in names)
 
 
-def load_hf(cfg: dict) -> DatasetSplits:
+def load_hf(section: dict) -> DatasetSplits:
     """The `dataset` section (name hf) as uint8 arrays; see the module docstring."""
+    cfg = settings(section)
     train, test, source = _open(cfg)
     for ds in (train, test):
         _require_columns(ds, {**cfg, "owner_key": None} if ds is test else cfg, source)
-    y_train, y_test, k = labels_of(train, test, cfg.get("label_key") or "label", source)
-    key = cfg.get("image_key") or "image"
+    y_train, y_test, k = labels_of(train, test, cfg["label_key"], source)
+    key = cfg["image_key"]
     x_train = decoded(train, key, f"{source} train")
     x_test = decoded(test, key, f"{source} test")
     if x_train.shape[1:] != x_test.shape[1:]:
@@ -249,7 +262,7 @@ def load_hf(cfg: dict) -> DatasetSplits:
             f"{source}: train images are {x_train.shape[1:]} (C, H, W) but test images are "
             f"{x_test.shape[1:]}; both splits must share one shape"
         )
-    owner, names = _owners(train, cfg.get("owner_key"))
+    owner, names = _owners(train, cfg["owner_key"])
     return DatasetSplits(
         "hf",
         ArrayDataset(x_train, y_train, owner),
@@ -269,9 +282,7 @@ def _hf(cfg: dict) -> DatasetSplits:
 def _hf_classes(dataset) -> int:
     """From the label feature or column: the dataset is opened (memory-mapped, or
     from the Hugging Face cache after the first download), no image is decoded."""
-    cfg = {k: getattr(dataset, k) for k in ("path", "subset", "train_split", "test_split")}
-    cfg["test_fraction"] = dataset.test_fraction
+    cfg = settings(vars(dataset))
     train, test, source = _open(cfg)
-    keys = {"image_key": dataset.image_key, "label_key": dataset.label_key}
-    _require_columns(train, keys, source)
+    _require_columns(train, cfg, source)
     return labels_of(train, test, dataset.label_key, source)[2]
