@@ -60,8 +60,9 @@ class DatasetSplits:
         return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
 
 
-# the modules that define (and register) the built-in datasets besides this one's
-_MODULES = ("fedkd.data.cifar", "fedkd.data.image_folder", "fedkd.data.hf")
+# every module of the package is imported on first lookup: a module that defines a
+# dataset (fedkd/data/cifar.py, hf.py, image_folder.py) registers it, no list to edit
+_MODULES = ("fedkd.data",)
 
 # dataset.name -> a loader of the `dataset` config section
 DATASETS: Registry[Callable[[dict], DatasetSplits]] = Registry(
