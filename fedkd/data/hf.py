@@ -169,7 +169,10 @@ def _require_columns(ds: Any, cfg: dict, source: str) -> None:
 
 
 def _column(ds: Any, key: str) -> np.ndarray:
-    return np.asarray(ds.select_columns([key]).with_format("numpy")[key])
+    """One column of plain values (labels, owners) as an array, read as one arrow
+    table (numpy formatting would build it row by row)."""
+    table = ds.select_columns([key]).with_format("arrow")[:]
+    return table.column(key).to_numpy()
 
 
 def labels_of(train: Any, test: Any, key: str, source: str) -> tuple[np.ndarray, np.ndarray, int]:
