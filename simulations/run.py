@@ -75,20 +75,18 @@ def _refuse_existing_run(argv: list[str]) -> None:
 
 def _sweep_trackers(cfg: DictConfig) -> None:
     """A multirun's jobs share one MLflow store, in the sweep directory, and each
-    job's tracker run is named after its subdir (docs/tracking.md). Both land in the
+    job's MLflow run is named after its subdir (docs/tracking.md). Both land in the
     job's config.yaml, so fedkd-resume finds them again."""
     from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
-    logger = cfg.logger
-    if hydra_cfg.mode != RunMode.MULTIRUN:
+    mlflow = cfg.logger.mlflow
+    if hydra_cfg.mode != RunMode.MULTIRUN or not mlflow.enabled:
         return
-    if logger.mlflow.enabled and logger.mlflow.tracking_uri is None:
-        logger.mlflow.tracking_uri = (
-            f"sqlite:///{Path(hydra_cfg.sweep.dir).resolve() / 'mlflow.db'}"
-        )
-    if logger.run_name is None and (logger.mlflow.enabled or logger.tensorboard.enabled):
-        logger.run_name = str(hydra_cfg.sweep.subdir)
+    if mlflow.tracking_uri is None:
+        mlflow.tracking_uri = f"sqlite:///{Path(hydra_cfg.sweep.dir).resolve() / 'mlflow.db'}"
+    if mlflow.run_name is None:
+        mlflow.run_name = str(hydra_cfg.sweep.subdir)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedkd.errors import FedKDError
 from fedkd.results import RunRecorder, read_metrics
@@ -147,6 +148,9 @@ def test_a_sweep_is_one_mlflow_experiment_with_a_run_per_job(tmp_path):
     assert [r.info.run_name for r in runs] == ["0_dsfl_seed0", "1_dsfl_seed1"]
     assert [r.data.params["seed"] for r in runs] == ["0", "1"]
     for run in runs:
+        saved = yaml.safe_load((sweep / run.info.run_name / "config.yaml").read_text())
+        assert saved["logger"]["mlflow"]["tracking_uri"] == f"sqlite:///{sweep / 'mlflow.db'}"
+        assert saved["logger"]["mlflow"]["run_name"] == run.info.run_name  # for fedkd-resume
         rows = read_metrics(sweep / run.info.run_name)
         want = [(r["round"], pytest.approx(r["teacher_accuracy"], rel=1e-12)) for r in rows]
         assert history(client, run.info.run_id, "teacher_accuracy") == want

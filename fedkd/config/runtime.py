@@ -175,12 +175,10 @@ class OutputConfig:
 
 @dataclass
 class TensorBoardLogger:
-    enabled: bool = False  # logger=tensorboard sets it
-    log_dir: str | None = None  # null: the run directory's tensorboard/; else LOG_DIR/RUN_NAME
+    """Event files in the run directory's tensorboard/ folder: `tensorboard --logdir`
+    on any folder above runs (a sweep's, outputs/) shows each as a run."""
 
-    def check(self) -> None:
-        where = self.log_dir
-        require(where is None or bool(where.strip()), "logger.tensorboard.log_dir", where, _NAME)
+    enabled: bool = False  # logger=tensorboard sets it
 
 
 @dataclass
@@ -190,6 +188,7 @@ class MLflowLogger:
     # run directory's parent (every run beside it shares it)
     tracking_uri: str | None = None
     experiment: str = "fedkd"  # one experiment for all jobs of a sweep
+    run_name: str | None = None  # null: the run directory's name (a sweep's job: its subdir)
 
     def check(self) -> None:
         uri = self.tracking_uri
@@ -202,6 +201,8 @@ class MLflowLogger:
         )
         name = self.experiment
         require(bool(name.strip()), "logger.mlflow.experiment", name, "a non-empty name")
+        name = self.run_name
+        require(name is None or bool(name.strip()), "logger.mlflow.run_name", name, _NAME)
 
 
 @dataclass
@@ -227,17 +228,14 @@ class LoggerConfig:
     tensorboard: TensorBoardLogger = field(default_factory=TensorBoardLogger)
     mlflow: MLflowLogger = field(default_factory=MLflowLogger)
     csv: CsvLogger = field(default_factory=CsvLogger)
-    run_name: str | None = None  # null: the run directory's name (a sweep's job: its subdir)
 
     def enabled(self) -> list[str]:
         """The trackers this run feeds, by name."""
         return [n for n in TRACKER_NAMES if getattr(self, n).enabled]
 
     def check(self) -> None:
-        for section in (self.tensorboard, self.mlflow, self.csv):
-            section.check()
-        name = self.run_name
-        require(name is None or bool(name.strip()), "logger.run_name", name, _NAME)
+        self.mlflow.check()
+        self.csv.check()
 
 
 TRACKER_NAMES = ("tensorboard", "mlflow", "csv")

@@ -34,7 +34,7 @@ class RunInfo:
     """What a tracker knows of the run it follows."""
 
     run_dir: Path
-    name: str  # logger.run_name, else the run directory's name
+    name: str  # the run directory's name (a sweep's job: its subdir's last part)
     settings: LoggerConfig
     resume_round: int = 0  # fedkd-resume: the checkpoint's round (0: a new run)
     history: list[dict[str, Any]] = field(default_factory=list)  # rows 1..resume_round

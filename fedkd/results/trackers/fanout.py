@@ -107,7 +107,7 @@ def start_trackers(
 ) -> TrackerSet:
     """The trackers `config` enables, started (none: an empty set)."""
     settings = logger_settings(config)
-    run = RunInfo(run_dir, settings.run_name or run_dir.name, settings, resume_round)
+    run = RunInfo(run_dir, run_dir.name, settings, resume_round)
     run.history = list(history or [])
     trackers = TrackerSet({name: TRACKERS.get(name)(run) for name in settings.enabled()})
     if trackers.live:

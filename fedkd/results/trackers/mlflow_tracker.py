@@ -5,10 +5,11 @@ The store: logger.mlflow.tracking_uri, by default sqlite:///<dir>/mlflow.db wher
 <dir> is a multirun's sweep directory (fedkd-sim sets it) or else the run
 directory's parent; a sqlite store keeps artifacts in <dir>/mlartifacts. All jobs
 of a sweep log to one experiment (logger.mlflow.experiment), each as a run named
-after its run directory (the job's subdir). Params: the resolved config, flat.
-Metrics: every round's numeric metrics, step = round. Artifacts: plots/*.png and
-summary.json. fedkd-resume continues the run tagged with the same run directory;
-the rounds it plays again are logged again at the same steps.
+logger.mlflow.run_name, by default after its run directory (the job's subdir).
+Params: the resolved config, flat. Metrics: every round's numeric metrics, step =
+round. Artifacts: plots/*.png and summary.json. fedkd-resume continues the run
+tagged with the same run directory; the rounds it plays again are logged again at
+the same steps.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class MLflowTracker:
         default = run.run_dir.resolve().parent / "mlflow.db"
         self.uri = settings.tracking_uri or f"sqlite:///{default}"
         self.experiment = settings.experiment
-        self.name = run.name
+        self.name = settings.run_name or run.name
         self.run_dir = str(run.run_dir.resolve())
         self.resume = run.resume_round > 0
         self.client: Any = None

@@ -1,6 +1,5 @@
-"""`logger=tensorboard`: event files in <run dir>/tensorboard (or
-<logger.tensorboard.log_dir>/<run name>), so `tensorboard --logdir` on a sweep's
-directory shows each job as a run.
+"""`logger=tensorboard`: event files in <run dir>/tensorboard, so `tensorboard --logdir`
+on a sweep's directory (or outputs/) shows each job as a run.
 
 Scalars: every round's numeric metrics under their metrics.jsonl names, step = round.
 Text: `config` (the resolved config, flat) and `summary`. Images: plots/*.png.
@@ -36,9 +35,7 @@ def _rgb(png: Path) -> Any:
 @TRACKERS.register("tensorboard")
 class TensorBoardTracker:
     def __init__(self, run: RunInfo) -> None:
-        where = run.settings.tensorboard.log_dir
-        base = run.run_dir / "tensorboard" if where is None else Path(where).expanduser()
-        self.log_dir = base if where is None else base.resolve() / run.name
+        self.log_dir = run.run_dir / "tensorboard"
         self.resume_round = run.resume_round
         self.step = run.resume_round
         self.params: dict[str, Any] = {}
