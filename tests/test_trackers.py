@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from fedkd.errors import FedKDError
-from fedkd.results import RunRecorder, read_metrics
+from fedkd.results import TIMING_FIELDS, RunRecorder, read_metrics
 from fedkd.results.trackers import MissingExtra, check_installed
 from fedkd.results.trackers.fanout import config_params, logger_settings, round_metrics
 
@@ -134,6 +134,13 @@ def test_csv_and_combined_trackers(tmp_path):
     assert [s for s, _ in history(client, runs[0].info.run_id, "teacher_accuracy")] == [1, 2]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "tracker_errors" not in summary
+    # trackers only read: the same run without them has the same metrics
+    plain = run_sim(tmp_path / "plain")
+
+    def results(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+    assert results(rows) == results(plain)
 
 
 @pytest.mark.ray
