@@ -89,9 +89,9 @@ class MLflowTracker:
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-        self.client = MlflowClient(tracking_uri=self.uri)
         with warnings.catch_warnings():  # sqlalchemy's about mlflow's store, on opening it
             warnings.simplefilter("ignore", DeprecationWarning)
+            self.client = MlflowClient(tracking_uri=self.uri)
             experiment_id = self._experiment_id()
         earlier = self._earlier_run(experiment_id) if self.resume else None
         if earlier is not None:
