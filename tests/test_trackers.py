@@ -407,3 +407,15 @@ def test_a_new_run_over_an_old_one_starts_clean_tensorboard_events(tmp_path):
 
 def test_missing_extra_is_a_user_error():
     assert issubclass(MissingExtra, FedKDError)
+
+
+def test_a_link_planted_at_the_tensorboard_folder_is_not_written_through(tmp_path):
+    victim = tmp_path / "elsewhere"
+    victim.mkdir()
+    (victim / "events.out.tfevents.1.keep").write_text("not the run's")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tensorboard").symlink_to(victim)
+    summary = _record(tmp_path / "run", _config("tensorboard", "csv"), range(1, 3))
+    assert summary["tracker_errors"]["tensorboard"].startswith("failed at the start: Symlink")
+    assert [p.name for p in victim.iterdir()] == ["events.out.tfevents.1.keep"]
+    assert summary["rounds"] == 2

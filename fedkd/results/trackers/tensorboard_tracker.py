@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedkd.atomic import make_dir
 from fedkd.config import LoggerConfig
 from fedkd.results.trackers import TRACKERS, RunInfo
 
@@ -49,6 +50,7 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
 
         self.params = params
+        make_dir(self.log_dir)  # a link planted there is refused, never written through
         if not self.resume_round:  # output.overwrite: the replaced run's events go
             for old in self.log_dir.glob("events.out.tfevents.*"):
                 old.unlink()
