@@ -6,8 +6,9 @@ overrides they could load any YAML file on the device (`hydra.searchpath`), read
 environment (`${oc.env:...}`), import a module (`plugins`), point its writes
 anywhere (`dataset.root`, state folders) or make it sleep (`faults.*`). So a node
 takes from the run only plain `key=value` experiment settings from an allow-list
-(`RUN_KEYS`, `RUN_GROUPS`), and composes its config from fedkd's defaults, then the
-run's settings, then its owner's file (node config `config=PATH`), which wins. The
+(`RUN_KEYS`, `RUN_GROUPS`; the server-only `SERVER_KEYS` are taken for the server
+and replaced by the owner's on the device), and composes its config from fedkd's
+defaults, then the run's settings, then its owner's file (node config `config=PATH`), which wins. The
 device-owned keys (`DEVICE_KEYS`) always come from the owner, whatever a shipped
 experiment file says. Every refusal names the key, never a value read on the device.
 """
@@ -60,6 +61,9 @@ RUN_KEYS = (
 )
 # what only the device's owner decides: files, imports, resources, injected faults
 DEVICE_KEYS = ("plugins", "faults", "simulation", "dataset.root", "dataset.download")
+# the server's own record (experiment trackers): a run may choose them for its server,
+# a device records nothing and keeps its owner's (so it needs no tracker installed)
+SERVER_KEYS = ("logger",)
 
 _KEY = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*", re.ASCII)
 _TOKEN = r"[A-Za-z0-9_.+\-]*"
@@ -101,11 +105,13 @@ def _check_override(key: str, sep: str, value: str) -> None:
         raise _refuse(key, "is not a plain key=value setting (no +, ~, @ or hydra syntax)")
     if key == "hydra" or key.startswith("hydra."):
         raise _refuse(key, "may not be set by a run (Hydra's own settings)")
+    server = any(key == k or key.startswith(k + ".") for k in SERVER_KEYS)
     owners = any(key == k or key.startswith(k + ".") for k in DEVICE_KEYS)
     if owners and key not in RUN_KEYS:
         raise _refuse(key, "is the device owner's to set, not the run's")
     allowed = (
-        key in RUN_GROUPS
+        server
+        or key in RUN_GROUPS
         or key in RUN_KEYS
         or key.startswith(tuple(k for k in RUN_KEYS if k.endswith(".")))
     )
@@ -113,11 +119,17 @@ def _check_override(key: str, sep: str, value: str) -> None:
         raise _refuse(key, "is not a setting a run may choose on a device")
     if not _VALUE.fullmatch(value):
         raise _refuse(key, "needs a plain value (no interpolation, quotes or functions)")
-    if key in RUN_GROUPS:
-        from fedkd.compose import group_options
+    if key in RUN_GROUPS or key in SERVER_KEYS:
+        _check_group_choice(key, value)
 
-        if value not in group_options(key):
-            raise _refuse(key, "names no config of fedkd's own")
+
+def _check_group_choice(key: str, value: str) -> None:
+    """`value` (one option, or a list of them) names only fedkd's own files of `key`."""
+    from fedkd.compose import group_options
+
+    choices = value.strip("[]").split(",") if value.startswith("[") else [value]
+    if not all(choice in group_options(key) for choice in choices):
+        raise _refuse(key, "names no config of fedkd's own")
 
 
 def owner_config(path: str) -> tuple[list[str], dict[str, Any]]:
@@ -169,9 +181,10 @@ def compose_node_config(overrides: Any, config_file: str = "") -> dict[str, Any]
 
 
 def _device_part(plain: dict[str, Any]) -> dict[str, Any]:
-    """The DEVICE_KEYS of a plain config, as a nested mapping to merge over another."""
+    """The DEVICE_KEYS and SERVER_KEYS of a plain config, as a nested mapping to merge
+    over another."""
     out: dict[str, Any] = {}
-    for dotted in DEVICE_KEYS:
+    for dotted in (*DEVICE_KEYS, *SERVER_KEYS):
         node, parts = plain, dotted.split(".")
         for part in parts:
             node = node.get(part) if isinstance(node, dict) else None

@@ -258,16 +258,26 @@ def test_the_default_run_has_no_tracker(tiny_cfg):
     check_installed(validate(tiny_cfg("logger=[tensorboard,mlflow,csv]")).logger)
 
 
-def test_a_logger_in_a_flwr_run_is_refused_by_the_nodes_in_one_line():
-    """`flwr run` with overrides="logger=...": the server could track, but every
-    SuperNode takes only the settings fedkd/node_config.py allows, and a tracker
-    is not one of them; the refusal names the key."""
-    from fedkd.compose import compose_config
-    from fedkd.node_config import RunRefused, run_overrides
+def test_a_flwr_run_may_choose_its_servers_trackers_but_a_device_records_nothing():
+    """`flwr run` with overrides="logger=...": the server composes it and tracks; every
+    SuperNode accepts the choice (fedkd's own logger files only) and keeps its owner's
+    logger, so a device needs no tracker installed and writes no tracker files."""
+    from fedkd.compose import compose_config, validate
+    from fedkd.node_config import RunRefused, compose_node_config, run_overrides
 
-    assert compose_config("logger=tensorboard")["logger"]["tensorboard"]["enabled"] is True
-    with pytest.raises(RunRefused, match="'logger' is not a setting a run may choose"):
-        run_overrides("logger=tensorboard")
+    run = "logger=[tensorboard,mlflow] logger.mlflow.experiment=sweep1 rounds=2"
+    server = compose_config(run)
+    assert server["logger"]["tensorboard"]["enabled"] is True
+    assert server["logger"]["mlflow"]["experiment"] == "sweep1"
+    assert run_overrides(run) == run.split()
+    device = compose_node_config(run)
+    assert device["rounds"] == 2  # the run's experiment settings still apply
+    assert device["logger"] == compose_config("")["logger"]  # the owner's: none
+    assert validate(device).logger.enabled() == []
+    with pytest.raises(RunRefused, match="'logger' names no config of fedkd's own"):
+        run_overrides("logger=[tensorboard,wandb]")
+    with pytest.raises(RunRefused, match="needs a plain value"):
+        run_overrides("logger.mlflow.tracking_uri=${oc.env:HOME}")
 
 
 # ------------------------------------------------------------------ the recorder (no Ray)
