@@ -4,6 +4,7 @@ dataset=folder (class-index image folders), on small directories in the real for
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +48,33 @@ def test_cifar10_arrays_equal_torchvisions(tmp_path, monkeypatch):
         theirs = theirs or CIFAR10(str(tmp_path), train=False)
         assert np.array_equal(split.x, theirs.data.transpose(0, 3, 1, 2))
         assert np.array_equal(split.y, np.asarray(theirs.targets, np.int64))
+
+
+def test_download_fetches_with_torchvision_then_reads_safely(tmp_path, monkeypatch):
+    """download: true hands torchvision the archive's URL and md5 only; what it unpacks
+    is read by the restricted unpickler (here a fake download writes the fixture)."""
+    import torchvision.datasets.utils as tv_utils
+    from torchvision.datasets import CIFAR10
+
+    calls = []
+
+    def fake(url, root, filename, md5):
+        calls.append((url, filename, md5))
+        files.write_cifar(Path(root))
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake)
+    splits = load_cifar("cifar10", str(tmp_path), download=True)
+    assert calls == [(CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5)]
+    assert splits.train.x.shape == (300, 3, 32, 32)
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    with pytest.raises(DataError, match=r"the download failed \(OSError: no network\)"):
+        load_cifar("cifar100", str(tmp_path), download=True)
+    with pytest.raises(DataError, match=r"or set dataset\.download=true"):
+        load_cifar("cifar100", str(tmp_path), download=False)
 
 
 def test_cifar100_uses_the_fine_labels(tmp_path):

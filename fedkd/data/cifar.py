@@ -116,16 +116,18 @@ def _find(base: Path, layout: tuple) -> Path | None:
     return None
 
 
-def _download(base: Path, layout: tuple) -> None:
-    """torchvision's downloader only: fetch the archive, check its md5, unpack it."""
+def _download(base: Path, layout: tuple) -> str:
+    """torchvision's downloader only: fetch the archive, check its md5, unpack it.
+    Returns why it failed ('' when it did not)."""
     import torchvision.datasets as tvd
     from torchvision.datasets.utils import download_and_extract_archive
 
     cls = getattr(tvd, layout[5])
     try:
         download_and_extract_archive(cls.url, str(base), filename=cls.filename, md5=cls.tgz_md5)
-    except Exception:  # no network, mirror down, disk full: the caller reports it
-        return
+    except Exception as exc:  # no network, mirror down, disk full: the caller reports it
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return ""
 
 
 def load_cifar(name: str, root: str | None, download: bool) -> DatasetSplits:
@@ -134,14 +136,14 @@ def load_cifar(name: str, root: str | None, download: bool) -> DatasetSplits:
     layout = LAYOUTS[name]
     base = Path(root).expanduser() if root else DEFAULT_DOWNLOAD_ROOT
     folder = _find(base, layout)
-    if folder is None and download:
-        _download(base, layout)
-        folder = _find(base, layout)
+    failed = _download(base, layout) if folder is None and download else ""
+    folder = folder or _find(base, layout)
     if folder is None:
         need = ", ".join((*layout[1], *layout[2]))
+        how = f"the download failed ({failed})" if download else "or set dataset.download=true"
         raise DataError(
             f"dataset.name={name!r}: no {layout[0]} under {base} (needs {need}); put it "
-            "there and set dataset.root, or set dataset.download=true on a machine with network"
+            f"there and set dataset.root, {how}"
         )
     train = _split(folder, layout[1], layout[3], layout[4])
     test = _split(folder, layout[2], layout[3], layout[4])
