@@ -8,8 +8,8 @@ anywhere (`dataset.root`, state folders) or make it sleep (`faults.*`). So a nod
 takes from the run only plain `key=value` experiment settings from an allow-list
 (`RUN_KEYS`, `RUN_GROUPS`; the server-only `SERVER_KEYS` are taken for the server
 and replaced by the owner's on the device), and composes its config from fedkd's
-defaults, then the run's settings, then its owner's file (node config `config=PATH`), which wins. The
-device-owned keys (`DEVICE_KEYS`) always come from the owner, whatever a shipped
+defaults, then the run's settings, then its owner's file (node config `config=PATH`),
+which wins. The device-owned keys (`DEVICE_KEYS`) always come from the owner, whatever a shipped
 experiment file says. Every refusal names the key, never a value read on the device.
 """
 
