@@ -241,7 +241,7 @@ def group_table(group: Path) -> list[str]:
             for k, v in (d.items() if isinstance(d, dict) else [])
         ]
         sets = [*chosen, *(f"{k}={show(v)}" for k, v in flatten(node))]
-        codes = "; ".join(f"`{c}`" for c in sets)
+        codes = "; ".join(f"`{c}`" for c in sets) or "nothing (the schema's defaults)"
         out.append(f"| `{group.name}={path.stem}` | {cell(head_comment(text))} | {codes} |")
     return [*out, ""]
 
@@ -259,6 +259,8 @@ def head_comment(text: str) -> str:
 
 
 def flatten(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if node == {} and not prefix:
+        return  # an option file that sets nothing
     if isinstance(node, dict) and node:
         for key, value in node.items():
             yield from flatten(value, f"{prefix}{key}.")
