@@ -85,6 +85,7 @@ def test_cifar_pickle_directory_runs(tmp_path):
     assert len(rows) == 2 and rows[-1]["replies"] == 3
 
 
+@pytest.mark.slow  # in CI through make test-slow; keeps the default suite short
 @pytest.mark.ray
 def test_class_incremental_stream_on_writers(tmp_path):
     root = files.write_hf(tmp_path / "data")

@@ -117,6 +117,7 @@ def test_mlflow_run_holds_metrics_params_and_artifacts(tmp_path):
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the store, not in cwd
 
 
+@pytest.mark.slow  # in CI through make test-slow; keeps the default suite short
 @pytest.mark.ray
 def test_csv_and_combined_trackers(tmp_path):
     run_dir = tmp_path / "run"
