@@ -48,10 +48,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 docs: setup           ## the documentation site into site/ (mkdocs, warnings are errors)
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 docs-serve: setup     ## the documentation site at http://127.0.0.1:8000
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # fedkd-bench workloads behind docs/benchmarks.md (about 40 minutes on 2 cores).
 BENCH_DIR ?= docs/bench
