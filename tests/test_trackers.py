@@ -21,19 +21,10 @@ from fedkd.errors import FedKDError
 from fedkd.results import TIMING_FIELDS, RunRecorder, read_metrics
 from fedkd.results.trackers import MissingExtra, check_installed
 from fedkd.results.trackers.fanout import config_params, logger_settings, round_metrics
+from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
-# experiment=smoke, smaller (tests/conftest.py's TINY): about 15 s end to end
-SMALL = (
-    "experiment=smoke",
-    "dataset.synthetic.train_size=900",
-    "dataset.synthetic.test_size=200",
-    "proxy.size=120",
-    "num_clients=3",
-    "clients_per_round=3",
-    "rounds=2",
-    "output.progress=false",
-)
+SMALL = (*TINY, "output.progress=false")  # conftest's tiny setting: about 15 s end to end
 
 
 def fedkd_sim(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
