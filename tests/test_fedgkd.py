@@ -38,18 +38,26 @@ def test_the_teacher_is_the_average_of_the_last_global_models(plain_cfg):
     assert len(gkd.history) == 2
 
 
-def test_a_client_refuses_a_teacher_that_is_not_its_model(plain_cfg):
+def _reply_to_a_tampered_teacher(plain_cfg, tamper) -> None:
+    """A client's reply to round 1 after `tamper` changed the teacher's weights the
+    server sends."""
     plain = plain_cfg("strategy=fedgkd")
     state = server_state(plain_cfg, "strategy=fedgkd")
     state.strategy.history = [weights_of(state.strategy.model)]
     _, downloads = prepare_round(state, 1)
     pid, content = downloads[0]
     weights = weights_of(state.strategy.model)
-    key = next(iter(weights))
-    weights[key] = torch.zeros(3, 3)  # another shape
+    tamper(weights)
     content[GKD_TEACHER] = ArrayRecord(weights)
+    client_reply(plain, pid, content)
+
+
+def test_a_client_refuses_a_teacher_that_is_not_its_model(plain_cfg):
+    def reshape(weights):
+        weights[next(iter(weights))] = torch.zeros(3, 3)  # another shape
+
     with pytest.raises(ValueError, match="'gkd-teacher' is not this client's model"):
-        client_reply(plain, pid, content)
+        _reply_to_a_tampered_teacher(plain_cfg, reshape)
 
 
 def test_fedgkd_refuses_dp_sgd(tiny_cfg):
@@ -73,14 +81,9 @@ def test_fedgkd_runs_in_a_real_simulation_with_twice_fedavgs_download(tmp_path):
 
 
 def test_a_client_refuses_a_teacher_with_nan_weights(plain_cfg):
-    plain = plain_cfg("strategy=fedgkd")
-    state = server_state(plain_cfg, "strategy=fedgkd")
-    state.strategy.history = [weights_of(state.strategy.model)]
-    _, downloads = prepare_round(state, 1)
-    pid, content = downloads[0]
-    weights = weights_of(state.strategy.model)
-    key = next(k for k, v in weights.items() if v.is_floating_point())
-    weights[key] = torch.full_like(weights[key], float("nan"))
-    content[GKD_TEACHER] = ArrayRecord(weights)
+    def poison(weights):
+        key = next(k for k, v in weights.items() if v.is_floating_point())
+        weights[key] = torch.full_like(weights[key], float("nan"))
+
     with pytest.raises(ValueError, match="'gkd-teacher' holds NaN or Inf"):
-        client_reply(plain, pid, content)
+        _reply_to_a_tampered_teacher(plain_cfg, poison)
