@@ -4,7 +4,7 @@ experiment trackers."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from fedkd.config.checks import one_of, require
@@ -230,15 +230,14 @@ class LoggerConfig:
     csv: CsvLogger = field(default_factory=CsvLogger)
 
     def enabled(self) -> list[str]:
-        """The trackers this run feeds, by name."""
-        return [n for n in TRACKER_NAMES if getattr(self, n).enabled]
+        """The trackers this run feeds, by name (each field is one tracker's section)."""
+        return [f.name for f in fields(self) if getattr(self, f.name).enabled]
 
     def check(self) -> None:
         self.mlflow.check()
         self.csv.check()
 
 
-TRACKER_NAMES = ("tensorboard", "mlflow", "csv")
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
 _FILE = re.compile(r"[A-Za-z0-9_.-]*[A-Za-z0-9_-]\.csv")
 _NAME = "null or a non-empty name"
