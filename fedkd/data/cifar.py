@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,9 +43,20 @@ ALLOWED = frozenset(
     }
 )
 
-# name -> (directory, train files, test files, label key, classes, torchvision class)
+
+class Layout(NamedTuple):
+    """How one CIFAR variant is laid out on disk."""
+
+    folder: str  # the batches directory's name
+    train: tuple[str, ...]  # its training batch files
+    test: tuple[str, ...]
+    label_key: str  # the key of each batch's labels
+    classes: int
+    torchvision: str  # the torchvision.datasets class that knows its archive
+
+
 LAYOUTS = {
-    "cifar10": (
+    "cifar10": Layout(
         "cifar-10-batches-py",
         tuple(f"data_batch_{i}" for i in range(1, 6)),
         ("test_batch",),
@@ -52,7 +64,7 @@ LAYOUTS = {
         10,
         "CIFAR10",
     ),
-    "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels", 100, "CIFAR100"),
+    "cifar100": Layout("cifar-100-python", ("train",), ("test",), "fine_labels", 100, "CIFAR100"),
 }
 
 
@@ -108,21 +120,20 @@ def _split(folder: Path, files: tuple[str, ...], label_key: str, k: int) -> Arra
     return ArrayDataset(np.ascontiguousarray(np.concatenate([p[0] for p in parts])), y)
 
 
-def _find(base: Path, layout: tuple) -> Path | None:
-    sub, train, test = layout[0], layout[1], layout[2]
-    for folder in (base, base / sub):
-        if all((folder / f).is_file() for f in (*train, *test)):
+def _find(base: Path, layout: Layout) -> Path | None:
+    for folder in (base, base / layout.folder):
+        if all((folder / f).is_file() for f in (*layout.train, *layout.test)):
             return folder
     return None
 
 
-def _download(base: Path, layout: tuple) -> str:
+def _download(base: Path, layout: Layout) -> str:
     """torchvision's downloader only: fetch the archive, check its md5, unpack it.
     Returns why it failed ('' when it did not)."""
     import torchvision.datasets as tvd
     from torchvision.datasets.utils import download_and_extract_archive
 
-    cls = getattr(tvd, layout[5])
+    cls = getattr(tvd, layout.torchvision)
     try:
         download_and_extract_archive(cls.url, str(base), filename=cls.filename, md5=cls.tgz_md5)
     except Exception as exc:  # no network, mirror down, disk full: the caller reports it
@@ -139,15 +150,15 @@ def load_cifar(name: str, root: str | None, download: bool) -> DatasetSplits:
     failed = _download(base, layout) if folder is None and download else ""
     folder = folder or _find(base, layout)
     if folder is None:
-        need = ", ".join((*layout[1], *layout[2]))
+        need = ", ".join((*layout.train, *layout.test))
         how = f"the download failed ({failed})" if download else "or set dataset.download=true"
         raise DataError(
-            f"dataset.name={name!r}: no {layout[0]} under {base} (needs {need}); put it "
+            f"dataset.name={name!r}: no {layout.folder} under {base} (needs {need}); put it "
             f"there and set dataset.root, {how}"
         )
-    train = _split(folder, layout[1], layout[3], layout[4])
-    test = _split(folder, layout[2], layout[3], layout[4])
-    return DatasetSplits(name, train, test, layout[4], str(folder))
+    train = _split(folder, layout.train, layout.label_key, layout.classes)
+    test = _split(folder, layout.test, layout.label_key, layout.classes)
+    return DatasetSplits(name, train, test, layout.classes, str(folder))
 
 
 @DATASETS.register("cifar10")
@@ -161,10 +172,6 @@ def _cifar100(cfg: dict) -> DatasetSplits:
 
 
 @class_counter("cifar10")
-def _ten(dataset) -> int:
-    return 10
-
-
 @class_counter("cifar100")
-def _hundred(dataset) -> int:
-    return 100
+def _classes(dataset) -> int:
+    return LAYOUTS[dataset.name].classes
