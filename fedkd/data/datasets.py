@@ -10,7 +10,6 @@ dataset through flwr-datasets (fedkd.data.hf); docs/datasets.md describes them a
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import os
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedkd.atomic import write_atomic
+from fedkd.data.array_cache import cached_array
 from fedkd.errors import DataError
 from fedkd.registry import Registry
 from fedkd.seeding import numpy_rng
@@ -104,19 +103,7 @@ def read_idx(path: Path) -> np.ndarray:
         return _decode_idx(path)
     key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = CACHE_DIR / f"{path.name.split('.')[0]}-{key}.npy"
-    if cached.exists():
-        try:
-            return np.load(cached)
-        except (OSError, ValueError):
-            cached.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
-    array = _decode_idx(path)
-    _save_atomic(cached, array)
-    return array
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    with contextlib.suppress(OSError):  # a read-only home only costs the speed-up
-        write_atomic(path, lambda f: np.save(f, array))
+    return cached_array(cached, lambda: _decode_idx(path))
 
 
 def _decode_idx(path: Path) -> np.ndarray:

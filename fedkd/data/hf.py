@@ -25,7 +25,6 @@ every worker after the first skips decoding.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from functools import lru_cache
@@ -34,8 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from fedkd.atomic import write_atomic
-from fedkd.data.datasets import CACHE_DIR, DATASETS, ArrayDataset, DatasetSplits, class_counter
+from fedkd.data.array_cache import cached_array
+from fedkd.data.datasets import (
+    CACHE_DIR,
+    DATASETS,
+    ArrayDataset,
+    DatasetSplits,
+    class_counter,
+)
 from fedkd.data.images import class_ids, decode_image, stack_images
 from fedkd.data.partition import quiet_datasets
 from fedkd.errors import DataError
@@ -231,16 +236,11 @@ def decoded(ds: Any, key: str, what: str) -> np.ndarray:
     if not fingerprint:
         return _decode_all(ds, key, what)
     name = hashlib.sha1(f"{what}:{fingerprint}:{key}:{len(ds)}".encode()).hexdigest()[:20]
-    path = CACHE_DIR / "hf" / f"{name}.npy"
-    if path.exists():
-        with contextlib.suppress(OSError, ValueError):
-            x = np.load(path, allow_pickle=False)
-            if x.dtype == np.uint8 and x.ndim == 4 and len(x) == len(ds):
-                return x
-    x = _decode_all(ds, key, what)
-    with contextlib.suppress(OSError):  # a read-only home only costs the speed-up
-        write_atomic(path, lambda f: np.save(f, x))
-    return x
+    return cached_array(
+        CACHE_DIR / "hf" / f"{name}.npy",
+        lambda: _decode_all(ds, key, what),
+        fits=lambda x: x.dtype == np.uint8 and x.ndim == 4 and len(x) == len(ds),
+    )
 
 
 def _owners(train: Any, key: str | None) -> tuple[np.ndarray | None, tuple[str, ...]]:
