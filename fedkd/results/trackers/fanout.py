@@ -24,7 +24,8 @@ log = logging.getLogger("fedkd.trackers")
 SKIPPED_KEYS = ("node",)  # set on a device at run time, not a setting of the run
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool: what a tracker can plot."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -37,8 +38,8 @@ def round_metrics(row: dict[str, Any]) -> dict[str, float]:
         if key == "round":
             continue
         if isinstance(value, list):
-            out.update({f"{key}/{i}": v for i, v in enumerate(value, 1) if _number(v)})
-        elif _number(value):
+            out.update({f"{key}/{i}": v for i, v in enumerate(value, 1) if is_number(v)})
+        elif is_number(value):
             out[key] = value
     return out
 

@@ -16,6 +16,7 @@ from typing import Any
 from fedkd.atomic import make_dir
 from fedkd.config import LoggerConfig
 from fedkd.results.trackers import TRACKERS, RunInfo
+from fedkd.results.trackers.fanout import is_number
 
 FINAL = ("teacher_accuracy", "client_accuracy_mean", "best_teacher_accuracy", "epsilon")
 
@@ -72,11 +73,7 @@ class TensorBoardTracker:
             self.writer.add_image(f"plots/{png.stem}", _rgb(png), self.step, dataformats="HWC")
         text = json.dumps(summary, indent=2, sort_keys=True)
         self.writer.add_text("summary", f"```\n{text}\n```", self.step)
-        final = {
-            f"hparam/{k}": float(summary[k])
-            for k in FINAL
-            if isinstance(summary.get(k), int | float) and not isinstance(summary.get(k), bool)
-        }
+        final = {f"hparam/{k}": float(summary[k]) for k in FINAL if is_number(summary.get(k))}
         # the HParams dashboard: the flat config (str, int, float, bool) and the finals
         self.writer.add_hparams(self.params, final, run_name=".", global_step=self.step)
         self.writer.close()
