@@ -3,14 +3,15 @@ node composes the config it runs (deployment only).
 
 The run config's `overrides` come from whoever submits the run. Executed as Hydra
 overrides they could load any YAML file on the device (`hydra.searchpath`), read its
-environment (`${oc.env:...}`), import a module (`plugins`), point its writes
-anywhere (`dataset.root`, state folders) or make it sleep (`faults.*`). So a node
-takes from the run only plain `key=value` experiment settings from an allow-list
-(`RUN_KEYS`, `RUN_GROUPS`; the server-only `SERVER_KEYS` are taken for the server
-and replaced by the owner's on the device), and composes its config from fedkd's
-defaults, then the run's settings, then its owner's file (node config `config=PATH`),
-which wins. The device-owned keys (`DEVICE_KEYS`) always come from the owner, whatever a shipped
-experiment file says. Every refusal names the key, never a value read on the device.
+environment (`${oc.env:...}`), import a module (`plugins`), point its reads and
+writes anywhere (`dataset.root`, `dataset.path`, state folders) or make it sleep
+(`faults.*`). So a node takes from the run only plain `key=value` experiment
+settings from an allow-list (`RUN_KEYS`, `RUN_GROUPS`; the server-only `SERVER_KEYS`
+are taken for the server and replaced by the owner's on the device), and composes
+its config from fedkd's defaults, then the run's settings, then its owner's file
+(node config `config=PATH`), which wins. The device-owned keys (`DEVICE_KEYS`)
+always come from the owner, whatever a shipped experiment file says. Every refusal
+names the key, never a value read on the device.
 """
 
 from __future__ import annotations
@@ -60,7 +61,14 @@ RUN_KEYS = (
     "simulation.verbose",
 )
 # what only the device's owner decides: files, imports, resources, injected faults
-DEVICE_KEYS = ("plugins", "faults", "simulation", "dataset.root", "dataset.download")
+DEVICE_KEYS = (
+    "plugins",
+    "faults",
+    "simulation",
+    "dataset.root",
+    "dataset.download",
+    "dataset.path",  # dataset=hf / folder: a directory or hub name read on the device
+)
 # the server's own record (experiment trackers): a run may choose them for its server,
 # a device records nothing and keeps its owner's (so it needs no tracker installed)
 SERVER_KEYS = ("logger",)

@@ -70,6 +70,8 @@ ATTACKS = {
     "append-plugins": "+plugins=[evil_plugin]",
     "data-root": "dataset.root={dir}",
     "download": "dataset.download=true",
+    "folder-path": "dataset=folder dataset.path=..",  # a directory beside the node's
+    "hub-path": "dataset=hf dataset.path=mnist",  # a download onto the device
     "state-dir": "simulation.client_state_dir={dir}",
     "straggler-sleep": "faults.straggler_prob=1.0 faults.straggler_delay=1e9",
     "fault-group": "faults=hostile",
